@@ -1,0 +1,43 @@
+"""The interface every fleet backend implements: start servers, list them, replace one, stop all."""
+
+from __future__ import annotations
+
+import abc
+
+
+class FleetBackend(abc.ABC):
+    """A set of envserver instances owned by one pool.
+
+    A backend starts its servers in ``start()``, reports their base URLs
+    (``http://host:port``), replaces a dead one on request and stops every one
+    of them in ``stop()``, which is idempotent and safe after a failed start.
+    Use it as an async context manager to get ``stop()`` on every exit path.
+    """
+
+    @abc.abstractmethod
+    async def start(self) -> list[str]:
+        """Start the servers, wait until each answers ``/health``, return their URLs."""
+
+    @abc.abstractmethod
+    async def replace(self, url: str) -> str:
+        """Remove the server at ``url`` (if it still exists) and start a new one; return its URL."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop and remove every server this backend started."""
+
+    @property
+    @abc.abstractmethod
+    def urls(self) -> list[str]:
+        """Base URLs of the servers currently in the fleet."""
+
+    def describe(self, url: str) -> str:
+        """A human-readable name of the server at ``url`` for error messages."""
+        return url
+
+    async def __aenter__(self) -> FleetBackend:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
