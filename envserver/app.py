@@ -1,0 +1,57 @@
+"""The Starlette application: routes of both surfaces wired to one ``EnvServer``."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, WebSocketRoute
+
+from . import openenv_http as http
+from .auth import TokenAuth
+from .config import ServerConfig
+from .mux import mux_endpoint
+from .openapi import openapi_document
+from .openenv_ws import ws_endpoint
+from .server import EnvServer
+
+
+def create_app(config: ServerConfig | None = None) -> Starlette:
+    """Build the ASGI app for ``config`` (loads the environment class now, so errors show at start)."""
+    config = config or ServerConfig()
+    server = EnvServer(config)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        reaper = asyncio.create_task(server.sessions.reap_forever(min(30.0, config.idle_ttl / 4)))
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            server.sessions.close_all()
+
+    async def openapi(request: Request) -> Response:
+        return http.json_response(openapi_document(server.env_class))
+
+    routes = [
+        Route("/health", http.health),
+        Route("/metadata", http.metadata),
+        Route("/schema", http.schema),
+        Route("/openapi.json", openapi),
+        Route("/reset", http.reset, methods=["POST"]),
+        Route("/step", http.step, methods=["POST"]),
+        Route("/state", http.state),
+        Route("/close", http.close, methods=["POST"]),
+        Route("/mcp", http.mcp, methods=["POST"]),
+        WebSocketRoute("/ws", ws_endpoint),
+        WebSocketRoute("/v1/mux", mux_endpoint),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.server = server
+    if config.token:
+        app.add_middleware(TokenAuth, token=config.token)
+    return app

@@ -1,0 +1,63 @@
+"""The environment API every envserver environment implements (Gymnasium-shaped)."""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, Generic, TypeVar
+
+from .errors import ServerError
+from .protocol import ErrorCode, StepResult, convert
+
+A = TypeVar("A")
+O = TypeVar("O")
+S = TypeVar("S")
+
+
+class Environment(abc.ABC, Generic[A, O, S]):
+    """One episode-running instance, owned by one session.
+
+    Subclasses declare their wire types (``Action``, ``Observation``, ``State``
+    msgspec Structs), a ``name`` and a ``description``. ``blocking = True`` makes
+    the server call them in a worker thread instead of on the event loop.
+    Errors meant for the client are raised as ``ServerError`` with a code.
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    Action: ClassVar[type]
+    Observation: ClassVar[type]
+    State: ClassVar[type]
+    blocking: ClassVar[bool] = False
+    tools: ClassVar[dict[str, str]] = {}  # MCP tools this environment offers: name -> description
+
+    @abc.abstractmethod
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> StepResult[O]:
+        """Start a new episode; the same seed gives the same episode."""
+
+    @abc.abstractmethod
+    def step(self, action: A) -> StepResult[O]:
+        """Apply one action of the agent."""
+
+    @abc.abstractmethod
+    def state(self) -> S:
+        """Describe the episode (ids, counters, configuration)."""
+
+    def close(self) -> None:
+        """Release what the environment holds; called once when its session ends."""
+
+    @classmethod
+    def parse_action(cls, raw: Any) -> A:
+        """Validate a decoded action payload into ``Action``."""
+        try:
+            action: A = convert(raw, cls.Action)
+        except Exception as exc:  # msgspec.ValidationError and friends
+            raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad action for {cls.name}: {exc}") from exc
+        return action
+
+    def call_tool(self, name: str, arguments: dict[str, Any]) -> Any:
+        """Run one of ``tools`` (only called for names listed there)."""
+        raise ServerError(ErrorCode.NOT_FOUND, f"{self.name} has no tool {name!r}")
+
+    def openenv_observation(self, observation: O) -> Any:
+        """The observation as OpenEnv clients expect it (by default: unchanged)."""
+        return observation

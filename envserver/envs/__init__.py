@@ -1,0 +1,28 @@
+"""Registered environments, imported on first use so a server loads only what it serves."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..env import Environment
+from ..errors import ServerError
+from ..protocol import ErrorCode
+
+_REGISTRY = {
+    "openspiel": "envserver.envs.openspiel:OpenSpielEnv",
+    "echo": "envserver.envs.echo:EchoEnv",
+}
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def load(name: str) -> type[Environment]:  # type: ignore[type-arg]
+    """The environment class registered as ``name``."""
+    try:
+        module_name, _, attr = _REGISTRY[name].partition(":")
+    except KeyError:
+        raise ServerError(ErrorCode.NOT_FOUND, f"unknown environment {name!r}; known: {', '.join(names())}") from None
+    env_class: type[Environment] = getattr(importlib.import_module(module_name), attr)  # type: ignore[type-arg]
+    return env_class

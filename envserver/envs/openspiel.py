@@ -1,0 +1,249 @@
+"""OpenSpiel games as environments: any game pyspiel can load, by name and parameters.
+
+The client plays ``agent_player``; chance events and the other seats (played by a
+built-in opponent policy) draw from one per-session RNG seeded by ``reset(seed=...)``,
+so the same seed and the same actions replay the same trajectory.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import os
+from typing import Any, Callable
+
+import msgspec
+import pyspiel
+
+from ..env import Environment
+from ..errors import ServerError
+from ..protocol import (
+    ErrorCode,
+    OpenSpielAction,
+    OpenSpielObservation,
+    OpenSpielState,
+    StepResult,
+    Tensor,
+)
+
+Policy = Callable[[random.Random, list[int]], int]
+
+OPPONENTS: dict[str, Policy] = {
+    "random": lambda rng, legal: legal[int(rng.random() * len(legal))],
+    "first_legal": lambda rng, legal: legal[0],
+    "last_legal": lambda rng, legal: legal[-1],
+}
+
+_SIMULTANEOUS = int(pyspiel.PlayerId.SIMULTANEOUS)
+
+
+class GameConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """What a session plays; the server's ``--env-options`` give the defaults, reset options override."""
+
+    game: str = "catch"
+    params: dict[str, bool | int | float | str] = {}
+    agent_player: int = 0
+    opponent: str = "random"
+    action_names: bool = False  # also send the legal actions' names (for people)
+
+
+class _Game:
+    """A loaded game plus what every observation needs to know about it."""
+
+    def __init__(self, name: str, params: dict[str, Any]) -> None:
+        self.game = pyspiel.load_game(name, params)
+        game_type = self.game.get_type()
+        self.num_players = self.game.num_players()
+        if game_type.provides_information_state_tensor:
+            self.tensor_shape: tuple[int, ...] | None = tuple(self.game.information_state_tensor_shape())
+            self.tensor_kind = "information_state"
+        elif game_type.provides_observation_tensor:
+            self.tensor_shape = tuple(self.game.observation_tensor_shape())
+            self.tensor_kind = "observation"
+        else:
+            self.tensor_shape, self.tensor_kind = None, ""
+        if game_type.provides_observation_string:
+            self.text_kind = "observation"
+        elif game_type.provides_information_state_string:
+            self.text_kind = "information_state"
+        else:
+            self.text_kind = "state"
+
+
+@functools.lru_cache(maxsize=64)
+def _load(name: str, params: tuple[tuple[str, Any], ...]) -> _Game:
+    return _Game(name, dict(params))
+
+
+def load_game(config: GameConfig) -> _Game:
+    """Load (once per process) the game ``config`` names, or raise a VALIDATION_ERROR."""
+    try:
+        return _load(config.game, tuple(sorted(config.params.items())))
+    except pyspiel.SpielError as exc:
+        raise ServerError(ErrorCode.VALIDATION_ERROR, f"cannot load game {config.game!r}: {exc}") from None
+
+
+def game_names() -> list[str]:
+    """Every game name pyspiel registers."""
+    return sorted(pyspiel.registered_names())
+
+
+class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielState]):
+    name = "openspiel"
+    description = "OpenSpiel games (catch, tic_tac_toe, kuhn_poker, ...) against a built-in opponent."
+    Action = OpenSpielAction
+    Observation = OpenSpielObservation
+    State = OpenSpielState
+
+    def __init__(self, **options: Any) -> None:
+        self._defaults = self._config(options, GameConfig())
+        load_game(self._defaults)
+        self._cfg = self._defaults
+        self._game: _Game | None = None
+        self._state: Any = None
+        self._rng = random.Random()
+        self._seed: int | None = None
+        self._episode_id: str | None = None
+        self._steps = 0
+        self._opponent_last: int | None = None
+        self._legal: list[int] = []  # the agent's legal actions now
+        self._return = 0.0  # the agent's return now
+
+    @staticmethod
+    def _config(options: dict[str, Any], base: GameConfig) -> GameConfig:
+        try:
+            config = msgspec.convert({**msgspec.structs.asdict(base), **options}, GameConfig)
+        except msgspec.ValidationError as exc:
+            raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad openspiel options: {exc}") from None
+        if config.opponent not in OPPONENTS:
+            raise ServerError(
+                ErrorCode.VALIDATION_ERROR,
+                f"unknown opponent {config.opponent!r}; known: {', '.join(OPPONENTS)}",
+            )
+        return config
+
+    @classmethod
+    def parse_action(cls, raw: Any) -> OpenSpielAction:
+        if type(raw) is int:  # the mux's compact form
+            return OpenSpielAction(raw)
+        return super().parse_action(raw)
+
+    # -- episode
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> StepResult[OpenSpielObservation]:
+        config = self._config(options, self._defaults) if options else self._defaults
+        game = load_game(config)
+        if not 0 <= config.agent_player < game.num_players:
+            raise ServerError(
+                ErrorCode.VALIDATION_ERROR,
+                f"agent_player {config.agent_player} out of range for {config.game} ({game.num_players} players)",
+            )
+        self._cfg, self._game = config, game
+        self._seed = seed
+        self._rng = random.Random(seed)
+        self._episode_id = os.urandom(8).hex()
+        self._steps = 0
+        self._opponent_last = None
+        self._state = game.game.new_initial_state()
+        self._advance()
+        return StepResult(self._observation("initial"))
+
+    def step(self, action: OpenSpielAction) -> StepResult[OpenSpielObservation]:
+        state = self._state
+        if state is None or state.is_terminal():
+            raise ServerError(ErrorCode.EPISODE_OVER, "no episode is running: call reset first")
+        if action.action_id not in self._legal:
+            raise ServerError(
+                ErrorCode.INVALID_ACTION,
+                f"action {action.action_id} is not legal; legal actions: {self._legal}",
+            )
+        before = self._return
+        if state.current_player() == _SIMULTANEOUS:
+            state.apply_actions(self._joint_action(action.action_id))
+        else:
+            state.apply_action(action.action_id)
+        self._steps += 1
+        self._advance()
+        terminated = state.is_terminal()
+        observation = self._observation("terminal" if terminated else "playing")
+        return StepResult(observation, self._return - before, terminated)
+
+    def state(self) -> OpenSpielState:
+        cfg = self._cfg
+        return OpenSpielState(
+            episode_id=self._episode_id,
+            step_count=self._steps,
+            game_name=cfg.game,
+            game_params=dict(cfg.params),
+            agent_player=cfg.agent_player,
+            opponent_policy=cfg.opponent,
+            num_players=self._game.num_players if self._game else 0,
+            seed=self._seed,
+            history=list(self._state.history()) if self._state is not None else [],
+        )
+
+    def close(self) -> None:
+        self._state = None
+
+    # -- internals
+
+    def _advance(self) -> None:
+        """Play chance and opponent moves until it is the agent's turn or the game ends."""
+        state, rng, agent = self._state, self._rng, self._cfg.agent_player
+        opponent = OPPONENTS[self._cfg.opponent]
+        while not state.is_terminal():
+            player = state.current_player()
+            if state.is_chance_node():
+                outcomes = state.chance_outcomes()
+                actions = [a for a, _ in outcomes]
+                state.apply_action(rng.choices(actions, weights=[p for _, p in outcomes])[0])
+            elif player == agent or player == _SIMULTANEOUS:
+                return
+            else:
+                choice = opponent(rng, state.legal_actions(player))
+                self._opponent_last = choice
+                state.apply_action(choice)
+
+    def _joint_action(self, agent_action: int) -> list[int]:
+        state, agent = self._state, self._cfg.agent_player
+        opponent = OPPONENTS[self._cfg.opponent]
+        return [
+            agent_action if p == agent else opponent(self._rng, state.legal_actions(p))
+            for p in range(self._game.num_players)  # type: ignore[union-attr]
+        ]
+
+    def _observation(self, phase: str) -> OpenSpielObservation:
+        state, game, agent = self._state, self._game, self._cfg.agent_player
+        assert game is not None
+        terminal = state.is_terminal()
+        player = state.current_player()
+        legal = state.legal_actions(agent) if not terminal and player in (agent, _SIMULTANEOUS) else []
+        returns = state.returns()
+        self._legal, self._return = legal, returns[agent]
+        tensor = None
+        if game.tensor_shape is not None:
+            if game.tensor_kind == "information_state":
+                values = state.information_state_tensor(agent)
+            else:
+                values = state.observation_tensor(agent)
+            tensor = Tensor(game.tensor_shape, values=values)
+        if game.text_kind == "observation":
+            text = state.observation_string(agent)
+        elif game.text_kind == "information_state":
+            text = state.information_state_string(agent)
+        else:
+            text = str(state)
+        names = [state.action_to_string(agent, a) for a in legal] if self._cfg.action_names else None
+        return OpenSpielObservation(
+            legal_actions=legal,
+            current_player_id=player,
+            game_phase=phase,  # type: ignore[arg-type]
+            info_state=tensor,
+            text=text,
+            rewards=state.rewards(),
+            returns=returns,
+            opponent_last_action=self._opponent_last,
+            legal_action_names=names,
+        )

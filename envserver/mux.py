@@ -1,0 +1,230 @@
+"""``WS /v1/mux``: many sessions per connection, binary msgpack batch frames.
+
+A frame is a list of requests; requests for cheap environments are answered inline in
+one pass and their replies leave as one frame. Requests for blocking environments run
+in worker threads (in order per session) and their replies follow as they finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import msgspec
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from .errors import ServerError
+from .protocol import (
+    OPS,
+    Close,
+    ErrorCode,
+    ErrorInfo,
+    GetState,
+    MuxRequest,
+    Open,
+    OpenResult,
+    Ping,
+    Reply,
+    Reset,
+    Step,
+    msgpack_encoder,
+    mux_request_decoder,
+)
+from .server import EnvServer, coded
+from .sessions import Session
+
+log = logging.getLogger("envserver.mux")
+
+
+class MuxConnection:
+    """One client connection and the sessions it opened (closed when it goes away)."""
+
+    def __init__(self, server: EnvServer, websocket: WebSocket) -> None:
+        self.server = server
+        self.ws = websocket
+        self.sessions: dict[int, Session] = {}
+        self._outbox: list[Reply] = []
+        self._wakeup = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._prefix = f"m{id(self):x}:"
+
+    async def serve(self) -> None:
+        writer = asyncio.create_task(self._write_forever())
+        try:
+            while True:
+                message = await self.ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("bytes")
+                if data is None:
+                    self._error(0, ErrorCode.INVALID_JSON, "mux frames are binary msgpack, not text")
+                else:
+                    self._handle_frame(data)
+                if self._outbox:
+                    self._wakeup.set()
+        except WebSocketDisconnect:
+            return
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            writer.cancel()
+            for session in self.sessions.values():
+                self.server.sessions.close(session)
+            self.sessions.clear()
+
+    # -- frames
+
+    def _handle_frame(self, data: bytes) -> None:
+        stats = self.server.stats
+        stats.frames_in += 1
+        stats.bytes_in += len(data)
+        if len(data) > self.server.config.max_frame_bytes:
+            self._error(0, ErrorCode.FRAME_TOO_LARGE, f"frame of {len(data)} bytes exceeds {self.server.config.max_frame_bytes}")
+            return
+        try:
+            requests = mux_request_decoder.decode(data)
+        except msgspec.DecodeError as exc:
+            self._error(0, ErrorCode.INVALID_JSON, f"frame is not valid msgpack: {exc}")
+            return
+        except msgspec.ValidationError:
+            requests = self._salvage(data)
+        for request in requests:
+            self._handle(request)
+
+    def _salvage(self, data: bytes) -> list[MuxRequest]:
+        """Decode a frame with bad requests one by one: answer each bad one, keep the good ones."""
+        try:
+            items = msgspec.msgpack.decode(data)
+        except msgspec.DecodeError as exc:
+            self._error(0, ErrorCode.INVALID_JSON, f"frame is not valid msgpack: {exc}")
+            return []
+        if not isinstance(items, list):
+            self._error(0, ErrorCode.VALIDATION_ERROR, "a frame must be a list of requests")
+            return []
+        good: list[MuxRequest] = []
+        for item in items:
+            try:
+                good.append(msgspec.convert(item, MuxRequest))  # type: ignore[arg-type]
+            except msgspec.ValidationError as exc:
+                rid = item[1] if isinstance(item, list) and len(item) > 1 and type(item[1]) is int else 0
+                if isinstance(item, list) and item and item[0] not in OPS:
+                    self._error(rid, ErrorCode.UNKNOWN_TYPE, f"unknown op {item[0]!r}; ops: {', '.join(OPS)}")
+                else:
+                    self._error(rid, ErrorCode.VALIDATION_ERROR, f"bad request: {exc}")
+        return good
+
+    def _handle(self, request: MuxRequest) -> None:
+        rid = request.id
+        try:
+            if type(request) is Open:
+                self._open(request)
+                return
+            if type(request) is Ping:
+                self._outbox.append(Reply(rid, True, None))
+                return
+            session = self._session(request.sid)
+            if session.env.blocking:
+                self._spawn(request, session)
+                return
+            self._outbox.append(Reply(rid, True, self._run_inline(request, session)))
+        except Exception as exc:
+            error = coded(exc)
+            if error is not exc:
+                log.exception("environment failed on %s", type(request).__name__)
+            self._error(rid, error.code, error.message)
+
+    def _run_inline(self, request: MuxRequest, session: Session) -> Any:
+        env = session.env
+        match request:
+            case Step(action=action):
+                self.server.stats.steps += 1
+                return env.step(env.parse_action(action))
+            case Reset(seed=seed, options=options):
+                self.server.stats.resets += 1
+                return env.reset(seed=seed, options=options)
+            case GetState():
+                return env.state()
+            case Close():
+                self._close(request.sid, session)
+                return None
+        raise ServerError(ErrorCode.UNKNOWN_TYPE, f"unknown op in {request!r}")
+
+    async def _run_blocking(self, request: MuxRequest, session: Session) -> Any:
+        match request:
+            case Step(action=action):
+                return await self.server.step(session, action)
+            case Reset(seed=seed, options=options):
+                return await self.server.reset(session, seed, options)
+            case GetState():
+                return await self.server.state(session)
+            case Close():
+                self._close(request.sid, session)
+                return None
+        raise ServerError(ErrorCode.UNKNOWN_TYPE, f"unknown op in {request!r}")
+
+    def _spawn(self, request: MuxRequest, session: Session) -> None:
+        async def run() -> None:
+            try:
+                self._outbox.append(Reply(request.id, True, await self._run_blocking(request, session)))
+            except Exception as exc:
+                error = coded(exc)
+                self._error(request.id, error.code, error.message)
+            self._wakeup.set()
+
+        task = asyncio.create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _open(self, request: Open) -> None:
+        if request.sid in self.sessions:
+            raise ServerError(ErrorCode.SESSION_EXISTS, f"session {request.sid} is already open on this connection")
+        if len(self.sessions) >= self.server.config.max_sessions_per_connection:
+            raise ServerError(
+                ErrorCode.CAPACITY_REACHED,
+                f"connection has {len(self.sessions)} sessions, the limit per connection",
+            )
+        session = self.server.open_session(f"{self._prefix}{request.sid}", request.env, request.options)
+        self.sessions[request.sid] = session
+        self._outbox.append(Reply(request.id, True, OpenResult(request.sid, session.env.name)))
+
+    def _session(self, sid: int) -> Session:
+        session = self.sessions.get(sid)
+        if session is None:
+            raise ServerError(ErrorCode.UNKNOWN_SESSION, f"no session {sid} on this connection")
+        if session.closed:  # expired by the idle TTL
+            del self.sessions[sid]
+            raise ServerError(ErrorCode.UNKNOWN_SESSION, f"session {sid} expired after {self.server.config.idle_ttl:g} s idle")
+        session.last_used = time.monotonic()
+        return session
+
+    def _close(self, sid: int, session: Session) -> None:
+        self.sessions.pop(sid, None)
+        self.server.sessions.close(session)
+
+    def _error(self, rid: int, code: ErrorCode, message: str) -> None:
+        self.server.stats.errors += 1
+        self._outbox.append(Reply(rid, False, ErrorInfo(code, message)))
+
+    # -- writing
+
+    async def _write_forever(self) -> None:
+        stats = self.server.stats
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            replies, self._outbox = self._outbox, []
+            frame = msgpack_encoder.encode(replies)
+            stats.frames_out += 1
+            stats.bytes_out += len(frame)
+            try:
+                await self.ws.send_bytes(frame)
+            except Exception:  # peer gone: the receive loop sees the disconnect and cleans up
+                return
+
+
+async def mux_endpoint(websocket: WebSocket) -> None:
+    server: EnvServer = websocket.app.state.server
+    await websocket.accept()
+    await MuxConnection(server, websocket).serve()

@@ -1,0 +1,184 @@
+"""OpenEnv's HTTP routes: health, metadata, schema, reset/step/state, MCP.
+
+``/reset``, ``/step`` and ``/state`` are stateless as in OpenEnv (a fresh environment
+per request) unless the request names a session in the ``X-Session-Id`` header; then
+``/reset`` opens that session if needed and the others use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+
+from . import __version__
+from .errors import ServerError
+from .mcp import handle_jsonrpc
+from .openenv_ws import openenv_result
+from .protocol import (
+    ErrorCode,
+    HealthStatus,
+    HttpResetRequest,
+    HttpStepRequest,
+    Metadata,
+    json_encoder,
+    json_schema,
+)
+from .server import EnvServer, coded
+from .sessions import Session
+
+SESSION_HEADER = "x-session-id"
+
+
+def json_response(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json_encoder.encode(obj), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(error: ServerError) -> Response:
+    body = {"detail": error.message, "code": error.code.value}
+    return json_response(body, status=error.code.http_status)
+
+
+async def read_json(request: Request, type_: Any) -> Any:
+    """The request body decoded into ``type_``; an empty body decodes as ``{}``."""
+    limit = request.app.state.server.config.max_frame_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ServerError(ErrorCode.FRAME_TOO_LARGE, f"body of {declared} bytes exceeds {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ServerError(ErrorCode.FRAME_TOO_LARGE, f"body exceeds {limit} bytes")
+    try:
+        return msgspec.json.decode(bytes(body) or b"{}", type=type_)
+    except msgspec.ValidationError as exc:
+        raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad request body: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ServerError(ErrorCode.INVALID_JSON, f"invalid JSON: {exc}") from None
+
+
+def _server(request: Request) -> EnvServer:
+    server: EnvServer = request.app.state.server
+    return server
+
+
+async def health(request: Request) -> Response:
+    return json_response(HealthStatus())
+
+
+async def metadata(request: Request) -> Response:
+    env_class = _server(request).env_class
+    return json_response(
+        Metadata(
+            name=env_class.name,
+            description=env_class.description,
+            version=__version__,
+            env=env_class.name,
+            surfaces=["openenv-http", "openenv-ws:/ws", "mux:/v1/mux"],
+        )
+    )
+
+
+async def schema(request: Request) -> Response:
+    env_class = _server(request).env_class
+    return json_response(
+        {
+            "action": json_schema(env_class.Action),
+            "observation": json_schema(env_class.Observation),
+            "state": json_schema(env_class.State),
+        }
+    )
+
+
+async def reset(request: Request) -> Response:
+    server = _server(request)
+    try:
+        body: HttpResetRequest = await read_json(request, HttpResetRequest)
+        key = request.headers.get(SESSION_HEADER)
+        if key is None:
+            return await _stateless(server, lambda s: _reset(server, s, body))
+        try:
+            session = server.sessions.get(_http_key(key))
+        except ServerError:
+            session = server.open_session(_http_key(key))
+        return json_response(await _reset(server, session, body), headers={SESSION_HEADER: key})
+    except Exception as exc:
+        return error_response(coded(exc))
+
+
+async def step(request: Request) -> Response:
+    server = _server(request)
+    try:
+        body: HttpStepRequest = await read_json(request, HttpStepRequest)
+        key = request.headers.get(SESSION_HEADER)
+        if key is None:
+            # OpenEnv's stateless step: a fresh environment; ours resets it first so the step is a real one.
+            async def fresh_step(session: Session) -> Any:
+                await server.reset(session, None, None)
+                return await _step(server, session, body)
+
+            return await _stateless(server, fresh_step)
+        session = server.sessions.get(_http_key(key))
+        return json_response(await _step(server, session, body), headers={SESSION_HEADER: key})
+    except Exception as exc:
+        return error_response(coded(exc))
+
+
+async def state(request: Request) -> Response:
+    server = _server(request)
+    try:
+        key = request.headers.get(SESSION_HEADER)
+        if key is None:
+            return await _stateless(server, server.state)
+        return json_response(await server.state(server.sessions.get(_http_key(key))))
+    except Exception as exc:
+        return error_response(coded(exc))
+
+
+async def close(request: Request) -> Response:
+    """End the session named in the header (HTTP sessions otherwise expire by the idle TTL)."""
+    server = _server(request)
+    key = request.headers.get(SESSION_HEADER)
+    if key is None:
+        return error_response(ServerError(ErrorCode.VALIDATION_ERROR, f"missing {SESSION_HEADER} header"))
+    try:
+        server.sessions.close(server.sessions.get(_http_key(key)))
+    except ServerError as exc:
+        return error_response(exc)
+    return json_response({"closed": key})
+
+
+async def mcp(request: Request) -> Response:
+    server = _server(request)
+    try:
+        payload = await read_json(request, Any)
+    except ServerError as exc:
+        return json_response({"jsonrpc": "2.0", "id": None, "error": {"code": -32700, "message": exc.message}})
+    return json_response(await handle_jsonrpc(server, None, payload))
+
+
+def _http_key(key: str) -> str:
+    if not 0 < len(key) <= 128:
+        raise ServerError(ErrorCode.VALIDATION_ERROR, "session ids are 1 to 128 characters")
+    return f"h:{key}"
+
+
+async def _reset(server: EnvServer, session: Session, body: HttpResetRequest) -> Any:
+    result = await server.reset(session, body.seed, body.options)
+    return openenv_result(server, session, result, after_reset=True)
+
+
+async def _step(server: EnvServer, session: Session, body: HttpStepRequest) -> Any:
+    result = await server.step(session, body.action)
+    return openenv_result(server, session, result, after_reset=False)
+
+
+async def _stateless(server: EnvServer, call: Any) -> Response:
+    session = server.open_session()
+    try:
+        return json_response(await call(session))
+    finally:
+        server.sessions.close(session)

@@ -1,0 +1,39 @@
+"""Immutable configuration values for pools and fleets."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import msgspec
+
+
+class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Where and how the environment servers of one pool run."""
+
+    backend: str = "local"
+    servers: int | None = None  # None: one per core (local), 2 (docker)
+    env: str = "openspiel"
+    env_options: dict[str, Any] = {}
+    max_sessions: int | None = None  # per server; None: the server's default
+    token: str | None = None  # bearer token the servers require; None: none (local) / random (docker)
+    start_timeout: float = 120.0  # seconds until every server must answer /health
+    endpoints: tuple[str, ...] = ()  # backend "endpoints": URLs, or one DNS name as "dns://name:port"
+    image: str = "envfleet:latest"  # backend "docker"
+    memory: str = "512m"
+    cpus: float = 1.0
+    pids_limit: int = 256
+    lifetime: float = 6 * 3600.0  # hard lifetime of a container, seconds
+    max_creating: int = 8  # container creations in flight at once
+
+    def server_count(self) -> int:
+        return self.servers if self.servers is not None else (os.cpu_count() or 1)
+
+    def server_args(self) -> list[str]:
+        """Command-line arguments of ``envserver`` that select this fleet's environment."""
+        args = ["--env", self.env]
+        if self.env_options:
+            args += ["--env-options", msgspec.json.encode(self.env_options).decode()]
+        if self.max_sessions is not None:
+            args += ["--max-sessions", str(self.max_sessions)]
+        return args
