@@ -69,11 +69,10 @@ async def serve(config: Any, *, exit_with_stdin: bool = False) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((config.host, config.port))
     sock.listen(1024)
-    sock.set_inheritable(True)
     port = sock.getsockname()[1]
 
     hconfig = Config()
-    hconfig.bind = [f"fd://{sock.fileno()}"]
+    hconfig.bind = [f"fd://{sock.detach()}"]  # hypercorn owns (and closes) the listening socket
     hconfig.websocket_max_message_size = 2 * config.max_frame_bytes  # the app answers frames in between
     hconfig.h11_max_incomplete_size = 64 * 1024
     hconfig.graceful_timeout = 2.0
@@ -93,10 +92,7 @@ async def serve(config: Any, *, exit_with_stdin: bool = False) -> None:
 
     host = f"[{config.host}]" if family == socket.AF_INET6 else config.host
     print(f"envserver {config.env} listening on http://{host}:{port}", flush=True)
-    try:
-        await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
-    finally:
-        sock.close()
+    await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
 
 
 async def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
