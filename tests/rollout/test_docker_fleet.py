@@ -1,0 +1,199 @@
+"""DockerFleet against a real Docker daemon.
+
+These tests skip on a machine without a daemon (or without the image), unless
+CI=true: there a missing daemon or image fails them. The image under test is
+$ENVFLEET_TEST_IMAGE (default envfleet:latest, made by `rollout image build`);
+nothing here pulls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import time
+
+import aiodocker
+import aiohttp
+import pytest
+
+from rollout.config import FleetConfig
+from rollout.errors import FleetError
+from rollout.fleet.docker import LABEL_EXPIRES, LABEL_OWNER, LABEL_POOL, DockerFleet, list_containers, reap
+
+pytestmark = pytest.mark.docker
+
+IMAGE = os.environ.get("ENVFLEET_TEST_IMAGE", "envfleet:latest")
+IN_CI = os.environ.get("CI") == "true"
+OWNER = f"{os.getpid()}@{socket.gethostname()}"
+
+
+async def _probe() -> str | None:
+    """Why the Docker tests cannot run here, or None if they can."""
+    try:
+        async with aiodocker.Docker() as docker:
+            await docker.version()
+            try:
+                await docker.images.inspect(IMAGE)
+            except aiodocker.DockerError:
+                return f"image {IMAGE} is missing (build it with `rollout image build`)"
+    except (AssertionError, ValueError, aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+        return f"no Docker daemon reachable ({type(exc).__name__}: {exc})"
+    return None
+
+
+async def _labelled(label: str) -> list[dict]:
+    async with aiodocker.Docker() as docker:
+        found = await docker.containers.list(all="1", filters=json.dumps({"label": [label]}))
+        return [await docker.containers.container(c.id).show() for c in found]
+
+
+@pytest.fixture(scope="session")
+def docker_daemon():
+    """Skip (or, in CI, fail) when the daemon or the image is missing; at the end, check nothing is left."""
+    reason = asyncio.run(_probe())
+    if reason is not None:
+        if IN_CI:
+            pytest.fail(f"CI=true but the Docker tests cannot run: {reason}")
+        pytest.skip(f"{reason}; the Docker tests run in CI")
+    yield
+    left = asyncio.run(_labelled(f"{LABEL_OWNER}={OWNER}"))
+    assert left == [], f"containers left behind by this test session: {[c['Name'] for c in left]}"
+
+
+def _config(**overrides) -> FleetConfig:
+    values = {"backend": "docker", "image": IMAGE, "servers": 2, "start_timeout": 60.0}
+    values.update(overrides)
+    return FleetConfig(**values)
+
+
+async def _assert_pool_gone(pool_id: str) -> None:
+    assert await _labelled(f"{LABEL_POOL}={pool_id}") == []
+
+
+async def test_start_health_hardening_labels_and_stop(docker_daemon):
+    fleet = DockerFleet(_config(memory="256m", cpus=0.5, pids_limit=128))
+    async with fleet:
+        assert len(fleet.urls) == 2
+        assert fleet.token
+        async with aiohttp.ClientSession() as http:
+            for url in fleet.urls:
+                assert url.startswith("http://127.0.0.1:")
+                headers = {"Authorization": f"Bearer {fleet.token}"}
+                async with http.get(f"{url}/health", headers=headers) as resp:
+                    assert resp.status == 200
+                    assert await resp.json() == {"status": "healthy"}
+                async with http.get(f"{url}/health") as resp:
+                    assert resp.status == 401
+                async with http.post(f"{url}/reset", headers=headers, json={"seed": 1}) as resp:
+                    assert resp.status == 200, await resp.text()
+
+        containers = await _labelled(f"{LABEL_POOL}={fleet.pool_id}")
+        assert len(containers) == 2
+        for info in containers:
+            host = info["HostConfig"]
+            assert host["ReadonlyRootfs"] is True
+            assert "/tmp" in host["Tmpfs"]
+            assert host["CapDrop"] == ["ALL"]
+            assert "no-new-privileges" in host["SecurityOpt"]
+            assert host["PidsLimit"] == 128
+            assert host["Memory"] == 256 * 1024 * 1024
+            assert host["NanoCpus"] == 500_000_000
+            assert host["PortBindings"]["8000/tcp"][0]["HostIp"] == "127.0.0.1"
+            assert info["Config"]["User"] == "65534:65534"
+            assert info["Config"]["Cmd"][0] == "timeout"
+            labels = info["Config"]["Labels"]
+            assert labels[LABEL_POOL] == fleet.pool_id
+            assert labels[LABEL_OWNER] == OWNER
+            assert float(labels[LABEL_EXPIRES]) > 0
+
+        rows = await list_containers()
+        assert {r["url"] for r in rows if r["pool"] == fleet.pool_id} == set(fleet.urls)
+    await _assert_pool_gone(fleet.pool_id)
+    await fleet.stop()  # idempotent
+
+
+async def test_missing_image_is_a_fleet_error(docker_daemon):
+    fleet = DockerFleet(_config(image="envfleet-no-such-image:never"))
+    with pytest.raises(FleetError, match="not present locally"):
+        await fleet.start()
+    await _assert_pool_gone(fleet.pool_id)
+
+
+async def test_server_crashing_on_start_is_named(docker_daemon):
+    fleet = DockerFleet(_config(env="no-such-env"))
+    with pytest.raises(FleetError) as info:
+        await fleet.start()
+    message = str(info.value)
+    assert f"envfleet-{fleet.pool_id}-" in message
+    assert "exited with code" in message
+    assert "unknown environment" in message
+    await _assert_pool_gone(fleet.pool_id)
+
+
+async def test_never_healthy_hits_the_deadline(docker_daemon):
+    fleet = DockerFleet(_config(servers=1, start_timeout=0.2))
+    with pytest.raises(FleetError, match="did not answer"):
+        await fleet.start()
+    await _assert_pool_gone(fleet.pool_id)
+
+
+async def test_replace_and_death_detection(docker_daemon):
+    async with DockerFleet(_config()) as fleet:
+        victim, survivor = fleet.urls
+        name = fleet.describe(victim)
+        assert name.startswith(f"container envfleet-{fleet.pool_id}-")
+
+        fresh = await fleet.replace(victim)
+        assert sorted(fleet.urls) == sorted([survivor, fresh])
+        assert len(await _labelled(f"{LABEL_POOL}={fleet.pool_id}")) == 2
+
+        async with aiodocker.Docker() as docker:
+            target = next(c for c in await _labelled(f"{LABEL_POOL}={fleet.pool_id}")
+                          if c["Name"].lstrip("/") in fleet.describe(fresh))
+            await docker.containers.container(target["Id"]).kill()
+        dead = await asyncio.wait_for(fleet.wait_dead(), timeout=10)
+        assert dead == fresh
+        again = await fleet.replace(dead)
+        assert again in fleet.urls and dead not in fleet.urls
+    await _assert_pool_gone(fleet.pool_id)
+
+
+async def test_reap_removes_expired_and_orphaned_only(docker_daemon):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    now = int(time.time())
+    kinds = {
+        "expired": {LABEL_OWNER: OWNER, LABEL_EXPIRES: str(now - 1)},
+        "orphan": {LABEL_OWNER: f"{gone.pid}@{socket.gethostname()}", LABEL_EXPIRES: str(now + 600)},
+        "live": {LABEL_OWNER: OWNER, LABEL_EXPIRES: str(now + 600)},
+    }
+    pool = f"test-reap-{os.getpid()}"
+    async with aiodocker.Docker() as docker:
+        made = {}
+        try:
+            for kind, labels in kinds.items():
+                config = {"Image": IMAGE, "Cmd": ["true"], "Labels": {LABEL_POOL: pool, **labels}}
+                made[kind] = await docker.containers.create(config, name=f"{pool}-{kind}")
+            removed = await reap()
+            assert f"{pool}-expired" in removed and f"{pool}-orphan" in removed
+            assert f"{pool}-live" not in removed
+            left = await _labelled(f"{LABEL_POOL}={pool}")
+            assert [c["Name"].lstrip("/") for c in left] == [f"{pool}-live"]
+        finally:
+            for container in made.values():
+                try:
+                    await container.delete(force=True)
+                except aiodocker.DockerError as exc:
+                    assert exc.status == 404
+
+
+async def test_daemon_down_is_a_fleet_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-daemon.sock")
+    fleet = DockerFleet(_config())
+    with pytest.raises(FleetError, match="does not answer"):
+        await fleet.start()
+    with pytest.raises(FleetError):
+        await list_containers()
