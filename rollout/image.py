@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
 WHEELS = DEPLOY / "wheels"
 PYTHON_VERSION = "3.11"  # the python3 of both supported bases (bookworm, python:3.11-slim)
+IMAGE_LABEL = "envfleet.image"
 GLIBC_MINOR = 36  # bookworm's glibc 2.36; python:3.11-slim's is newer, so these wheels fit both
 
 Progress = Callable[[str], object]
@@ -191,7 +192,13 @@ def _docker_build(docker: str, base: str, tag: str, progress: Progress) -> None:
     env = {**os.environ, "DOCKER_BUILDKIT": "0"}
     _run(
         [docker, "build", "--network", "none", "--build-arg", f"BASE_IMAGE={base}",
-         "-t", tag, "-f", str(DEPLOY / "Dockerfile"), str(DEPLOY)],
+         "--label", f"{IMAGE_LABEL}=server", "-t", tag, "-f", str(DEPLOY / "Dockerfile"), str(DEPLOY)],
         progress, f"docker build of {tag}", env=env,
+    )
+    # Earlier builds of the image, untagged by this one, each hold a copy of the
+    # venv; the build stage's layers stay as the cache of the next build.
+    subprocess.run(
+        [docker, "image", "prune", "--force", "--filter", f"label={IMAGE_LABEL}=server"],
+        capture_output=True,
     )
     progress(f"docker build done in {time.monotonic() - started:.1f} s")
