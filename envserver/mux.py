@@ -85,11 +85,11 @@ class MuxConnection:
             return
         try:
             requests = mux_request_decoder.decode(data)
+        except msgspec.ValidationError:  # a subclass of DecodeError: catch it first
+            requests = self._salvage(data)
         except msgspec.DecodeError as exc:
             self._error(0, ErrorCode.INVALID_JSON, f"frame is not valid msgpack: {exc}")
             return
-        except msgspec.ValidationError:
-            requests = self._salvage(data)
         for request in requests:
             self._handle(request)
 
@@ -167,7 +167,9 @@ class MuxConnection:
     def _spawn(self, request: MuxRequest, session: Session) -> None:
         async def run() -> None:
             try:
-                self._outbox.append(Reply(request.id, True, await self._run_blocking(request, session)))
+                # Await first: the writer swaps ``_outbox`` meanwhile, so look it up only afterwards.
+                result = await self._run_blocking(request, session)
+                self._outbox.append(Reply(request.id, True, result))
             except Exception as exc:
                 error = coded(exc)
                 self._error(request.id, error.code, error.message)
@@ -215,6 +217,8 @@ class MuxConnection:
             await self._wakeup.wait()
             self._wakeup.clear()
             replies, self._outbox = self._outbox, []
+            if not replies:
+                continue
             frame = msgpack_encoder.encode(replies)
             stats.frames_out += 1
             stats.bytes_out += len(frame)

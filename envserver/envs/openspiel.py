@@ -79,7 +79,7 @@ def load_game(config: GameConfig) -> _Game:
     """Load (once per process) the game ``config`` names, or raise a VALIDATION_ERROR."""
     try:
         return _load(config.game, tuple(sorted(config.params.items())))
-    except pyspiel.SpielError as exc:
+    except (pyspiel.SpielError, ValueError) as exc:  # pyspiel raises ValueError on some bad params
         raise ServerError(ErrorCode.VALIDATION_ERROR, f"cannot load game {config.game!r}: {exc}") from None
 
 
