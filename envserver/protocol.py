@@ -136,9 +136,14 @@ class Tensor:
 
     @classmethod
     def from_ext(cls, payload: memoryview | bytes) -> Tensor:
-        dtype_index, ndim = struct.unpack_from("<BB", payload)
-        shape = struct.unpack_from(f"<{ndim}I", payload, 2)
-        return cls(shape, list(cls._CODES)[dtype_index], data=bytes(payload[2 + 4 * ndim :]))
+        ndim = payload[1]
+        key = bytes(payload[: 2 + 4 * ndim])
+        layout = _EXT_LAYOUTS.get(key)
+        if layout is None:
+            shape = struct.unpack_from(f"<{ndim}I", payload, 2)
+            layout = _EXT_LAYOUTS[key] = (shape, list(cls._CODES)[payload[0]], len(key))
+        shape, dtype, offset = layout
+        return cls(shape, dtype, data=bytes(payload[offset:]))
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tensor) and (self.shape, self.dtype, self.data) == (
@@ -153,6 +158,7 @@ class Tensor:
 
 TENSOR_EXT = 1
 _EXT_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
+_EXT_LAYOUTS: dict[bytes, tuple[tuple[int, ...], str, int]] = {}
 
 
 # --------------------------------------------------------------------------- environment payloads

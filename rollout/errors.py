@@ -1,9 +1,97 @@
-"""Exceptions raised by the rollout client (minimal; to be merged with the full tree)."""
+"""Exceptions raised by the rollout client.
+
+    EnvError                     any envfleet client error; carries code, env, server, request
+    ├── ServerReplyError         the server answered with a coded error
+    │   ├── InvalidAction        the action is not legal now, or malformed
+    │   ├── EpisodeOver          step without a running episode
+    │   ├── CapacityReached      the server refused a new session
+    │   ├── UnknownSession       the session was closed or expired on the server
+    │   └── Unauthorized         missing or wrong token
+    ├── EnvCrashed               the connection to the server died with the call in flight
+    ├── RequestTimeout           no answer within the deadline
+    ├── FleetError               a backend could not start, replace or stop servers
+    └── PoolClosed               the pool (or client) is closed
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class EnvError(Exception):
     """Base class of every envfleet client error."""
 
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        env: Any = None,
+        server: str | None = None,
+        request: int | str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.env = env
+        self.server = server
+        self.request = request
+
+    def __str__(self) -> str:
+        where = [f"{k}={v}" for k, v in (("env", self.env), ("server", self.server), ("request", self.request)) if v is not None]
+        return f"{self.message} [{', '.join(where)}]" if where else self.message
+
+
+class ServerReplyError(EnvError):
+    """The server answered the request with a coded error."""
+
+
+class InvalidAction(ServerReplyError):
+    """The action is malformed or not legal in the current state."""
+
+
+class EpisodeOver(ServerReplyError):
+    """A step was sent with no episode running (call reset)."""
+
+
+class CapacityReached(ServerReplyError):
+    """The server refused a new session because it is at its cap."""
+
+
+class UnknownSession(ServerReplyError):
+    """The server does not know the session (closed, or freed after its idle TTL)."""
+
+
+class Unauthorized(ServerReplyError):
+    """The server requires a token the client did not send."""
+
+
+class EnvCrashed(EnvError):
+    """The server or its connection died while the call was in flight."""
+
+
+class RequestTimeout(EnvError):
+    """The server did not answer within the request deadline."""
+
 
 class FleetError(EnvError):
     """A fleet backend could not start, replace or stop its servers."""
+
+
+class PoolClosed(EnvError):
+    """The pool or client was used after it was closed."""
+
+
+_BY_CODE: dict[str, type[ServerReplyError]] = {
+    "INVALID_ACTION": InvalidAction,
+    "VALIDATION_ERROR": InvalidAction,
+    "EPISODE_OVER": EpisodeOver,
+    "CAPACITY_REACHED": CapacityReached,
+    "UNKNOWN_SESSION": UnknownSession,
+    "UNAUTHORIZED": Unauthorized,
+}
+
+
+def from_reply(code: str, message: str, **where: Any) -> ServerReplyError:
+    """The exception for a coded error reply."""
+    return _BY_CODE.get(code, ServerReplyError)(f"{code}: {message}", code=code, **where)

@@ -8,12 +8,14 @@ so the same seed and the same actions replay the same trajectory.
 from __future__ import annotations
 
 import functools
+import math
 import random
 import os
 from typing import Any, Callable
 
 import msgspec
 import pyspiel
+from open_spiel.python.observation import make_observation
 
 from ..env import Environment
 from ..errors import ServerError
@@ -54,14 +56,17 @@ class _Game:
         self.game = pyspiel.load_game(name, params)
         game_type = self.game.get_type()
         self.num_players = self.game.num_players()
+        # An Observation object writes the tensor into one numpy buffer: no per-step lists.
+        self.observer: Any = None
+        self.tensor_shape: tuple[int, ...] = ()
         if game_type.provides_information_state_tensor:
-            self.tensor_shape: tuple[int, ...] | None = tuple(self.game.information_state_tensor_shape())
-            self.tensor_kind = "information_state"
+            self.observer = make_observation(self.game, pyspiel.IIGObservationType(perfect_recall=True))
+            self.tensor_shape = tuple(self.game.information_state_tensor_shape())
         elif game_type.provides_observation_tensor:
+            self.observer = make_observation(self.game)
             self.tensor_shape = tuple(self.game.observation_tensor_shape())
-            self.tensor_kind = "observation"
-        else:
-            self.tensor_shape, self.tensor_kind = None, ""
+        if self.observer is not None and math.prod(self.tensor_shape) != self.observer.tensor.size:
+            self.tensor_shape = (self.observer.tensor.size,)
         if game_type.provides_observation_string:
             self.text_kind = "observation"
         elif game_type.provides_information_state_string:
@@ -77,15 +82,22 @@ def _load(name: str, params: tuple[tuple[str, Any], ...]) -> _Game:
 
 def load_game(config: GameConfig) -> _Game:
     """Load (once per process) the game ``config`` names, or raise a VALIDATION_ERROR."""
+    if config.game not in _registered():
+        raise ServerError(ErrorCode.VALIDATION_ERROR, f"unknown game {config.game!r} (pyspiel has {len(_registered())} games)")
     try:
         return _load(config.game, tuple(sorted(config.params.items())))
     except (pyspiel.SpielError, ValueError) as exc:  # pyspiel raises ValueError on some bad params
-        raise ServerError(ErrorCode.VALIDATION_ERROR, f"cannot load game {config.game!r}: {exc}") from None
+        raise ServerError(ErrorCode.VALIDATION_ERROR, f"cannot load game {config.game!r}: {str(exc).strip()}") from None
+
+
+@functools.cache
+def _registered() -> frozenset[str]:
+    return frozenset(pyspiel.registered_names())
 
 
 def game_names() -> list[str]:
     """Every game name pyspiel registers."""
-    return sorted(pyspiel.registered_names())
+    return sorted(_registered())
 
 
 class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielState]):
@@ -223,12 +235,9 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         returns = state.returns()
         self._legal, self._return = legal, returns[agent]
         tensor = None
-        if game.tensor_shape is not None:
-            if game.tensor_kind == "information_state":
-                values = state.information_state_tensor(agent)
-            else:
-                values = state.observation_tensor(agent)
-            tensor = Tensor(game.tensor_shape, values=values)
+        if game.observer is not None:
+            game.observer.set_from(state, agent)
+            tensor = Tensor(game.tensor_shape, data=game.observer.tensor.tobytes())
         if game.text_kind == "observation":
             text = state.observation_string(agent)
         elif game.text_kind == "information_state":

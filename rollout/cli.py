@@ -1,0 +1,114 @@
+"""``rollout``: benchmark, evaluate and manage envfleet pools from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+import msgspec
+
+from .errors import EnvError
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _fleet_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", default="openspiel", help="environment name (default: openspiel)")
+    parser.add_argument("--game", default="catch", help="OpenSpiel game (default: catch)")
+    parser.add_argument("--options", type=json.loads, default={}, help="JSON object of environment options")
+    parser.add_argument("--n", type=int, default=256, help="concurrent env sessions (default: 256)")
+    parser.add_argument("--backend", default="local", choices=["local", "endpoints", "docker"], help="where servers run")
+    parser.add_argument("--servers", type=int, help="number of servers (default: one per core)")
+    parser.add_argument("--endpoint", action="append", default=[], help="server URL or dns://name:port (backend endpoints)")
+    parser.add_argument("--image", default="envfleet:latest", help="image of the docker backend")
+    parser.add_argument("--max-sessions", type=int, help="session cap per server")
+    parser.add_argument("--token", help="bearer token of the servers")
+
+
+def _pool_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    options = dict(args.options)
+    if args.env == "openspiel":
+        options.setdefault("game", args.game)
+    kwargs: dict[str, Any] = {
+        "n": args.n,
+        "env": args.env,
+        "backend": args.backend,
+        "servers": args.servers,
+        "options": options,
+        "endpoints": tuple(args.endpoint),
+        "image": args.image,
+        "token": args.token,
+    }
+    if args.max_sessions is not None:
+        kwargs["max_sessions"] = args.max_sessions
+    return kwargs
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rollout", description="Drive envfleet environment pools.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    bench = commands.add_parser("bench", help="measure steps/s, episodes/s and step latency of a pool")
+    _fleet_args(bench)
+    bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per mode (default: 10)")
+    bench.add_argument("--mode", choices=["per-env", "batched", "both"], default="both")
+    bench.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write results as JSON to PATH (or stdout)")
+    bench.set_defaults(handler=_bench)
+    return parser
+
+
+async def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench, table
+
+    modes = ["per-env", "batched"] if args.mode == "both" else [args.mode]
+    report = await run_bench(_pool_kwargs(args), modes, args.seconds)
+    if args.json:
+        payload = msgspec.json.format(msgspec.json.encode(report), indent=2).decode()
+        if args.json == "-":
+            print(payload)
+            return EXIT_OK
+        with open(args.json, "w") as out:
+            out.write(payload + "\n")
+    print(f"{report.env} {json.dumps(report.options)} on backend {report.backend}:")
+    print(table(report.results))
+    return EXIT_OK
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop where available; SIGTERM cancels like Ctrl-C so pools clean up."""
+
+    async def main() -> int:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
+    try:
+        import uvloop
+
+        return uvloop.run(main())
+    except ImportError:  # pragma: no cover
+        return asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        code = _run(args.handler(args))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("rollout: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except (EnvError, ValueError, OSError) as exc:
+        print(f"rollout: error: {exc}", file=sys.stderr)
+        code = EXIT_ERROR
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

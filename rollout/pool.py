@@ -1,0 +1,402 @@
+"""``EnvPool``: n environment sessions spread over a fleet of servers, one WebSocket per server.
+
+    async with EnvPool(n=256, env="openspiel", game="catch") as pool:
+        results = await pool.reset(seeds=range(256))           # one frame per server
+        results = await pool.step([0] * 256)
+        async for record in pool.run(policy, episodes=10_000, seed=0):
+            ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import inspect
+import logging
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import Any
+
+import msgspec
+
+from envserver.protocol import StepResult
+
+from .client import EnvClient
+from .config import FleetConfig
+from .errors import EnvCrashed, EnvError, PoolClosed
+from .fleet import FleetBackend, make_backend
+
+log = logging.getLogger("rollout.pool")
+
+Policy = Callable[[Any], Any]  # observation -> action, or an awaitable of one
+
+
+class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """How the pool talks to its servers."""
+
+    n: int = 256
+    request_timeout: float = 60.0
+    heartbeat: float = 5.0
+    max_episode_retries: int = 3  # re-runs of an episode whose server died
+
+
+class EpisodeRecord(msgspec.Struct, frozen=True):
+    """One finished episode of ``EnvPool.run``: index, seed, the agent's total reward, length."""
+
+    episode: int
+    seed: int
+    reward: float
+    length: int
+    info: dict[str, Any] = {}
+
+
+class PoolState(enum.Enum):
+    NEW = "new"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The seed of episode ``episode`` of a run seeded ``seed`` (SplitMix64 of both)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (episode + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1  # 63 bits: fits every seed type downstream
+
+
+class _Slot:
+    """One server of the pool: its URL, its client and the envs placed on it."""
+
+    def __init__(self, url: str, client: EnvClient) -> None:
+        self.url = url
+        self.client = client
+        self.envs: list[Env] = []
+        self.ready = asyncio.Event()
+        self.ready.set()
+        self.replacements = 0
+
+
+class Env:
+    """One environment session of a pool; Gymnasium-shaped async calls."""
+
+    __slots__ = ("index", "sid", "_slot")
+
+    def __init__(self, index: int, sid: int, slot: _Slot) -> None:
+        self.index = index
+        self.sid = sid
+        self._slot = slot
+
+    @property
+    def server(self) -> str:
+        return self._slot.url
+
+    async def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> StepResult[Any]:
+        """Start an episode; the same seed gives the same episode."""
+        return await self._slot.client.reset(self.sid, seed, options, label=self.index)
+
+    async def step(self, action: Any) -> StepResult[Any]:
+        """Apply one action; returns observation, reward, terminated, truncated, info."""
+        return await self._slot.client.step(self.sid, action, label=self.index)
+
+    async def state(self) -> Any:
+        return await self._slot.client.get_state(self.sid, label=self.index)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until this env's server is usable (after a replacement)."""
+        await asyncio.wait_for(self._slot.ready.wait(), timeout)
+
+    def __repr__(self) -> str:
+        return f"Env(index={self.index}, server={self._slot.url!r})"
+
+
+class EnvPool:
+    """n environment handles over a fleet of envserver processes or containers."""
+
+    def __init__(
+        self,
+        n: int = 256,
+        env: str = "openspiel",
+        game: str | None = None,
+        backend: str = "local",
+        *,
+        servers: int | None = None,
+        options: dict[str, Any] | None = None,
+        fleet: FleetConfig | None = None,
+        config: PoolConfig | None = None,
+        **fleet_fields: Any,
+    ) -> None:
+        env_options = dict(options or {})
+        if game is not None:
+            env_options["game"] = game
+        self.fleet_config = fleet or FleetConfig(backend=backend, servers=servers, env=env, env_options=env_options, **fleet_fields)
+        self.config = config or PoolConfig(n=n)
+        if self.config.n < 1:
+            raise ValueError("n must be at least 1")
+        self.state = PoolState.NEW
+        self.envs: list[Env] = []
+        self.backend: FleetBackend | None = None
+        self._slots: list[_Slot] = []
+        self._watchers: list[asyncio.Task[None]] = []
+        self._owner: asyncio.Task[Any] | None = None
+        self._sigterm_installed = False
+
+    @property
+    def n(self) -> int:
+        return self.config.n
+
+    @property
+    def servers(self) -> list[str]:
+        return [slot.url for slot in self._slots]
+
+    @property
+    def clients(self) -> list[EnvClient]:
+        return [slot.client for slot in self._slots]
+
+    # -- lifecycle
+
+    async def __aenter__(self) -> EnvPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Start the fleet, connect to every server and open the n sessions."""
+        if self.state is not PoolState.NEW:
+            raise PoolClosed(f"pool is {self.state.value}; make a new one")
+        self.state = PoolState.OPEN
+        self._install_sigterm()
+        try:
+            self.backend = make_backend(self.fleet_config)
+            urls = await self.backend.start()
+            clients = await asyncio.gather(*(self._connect(url) for url in urls))
+            self._slots = [_Slot(url, client) for url, client in zip(urls, clients)]
+            for index in range(self.config.n):
+                slot = self._slots[index % len(self._slots)]
+                env = Env(index, slot.client.new_sid(), slot)
+                slot.envs.append(env)
+                self.envs.append(env)
+            await asyncio.gather(*(self._open_sessions(slot) for slot in self._slots))
+            self._watchers = [asyncio.create_task(self._watch(slot)) for slot in self._slots]
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        """Close every connection and stop the fleet (idempotent)."""
+        if self.state is PoolState.CLOSED:
+            return
+        self.state = PoolState.CLOSED
+        for task in self._watchers:
+            task.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
+        await asyncio.gather(*(slot.client.close() for slot in self._slots), return_exceptions=True)
+        if self.backend is not None:
+            await asyncio.shield(self.backend.stop())
+        self._remove_sigterm()
+
+    def _check_open(self) -> None:
+        if self.state is not PoolState.OPEN:
+            raise PoolClosed(f"pool is {self.state.value}")
+
+    async def _connect(self, url: str) -> EnvClient:
+        assert self.backend is not None
+        client = EnvClient(
+            url,
+            env=self.fleet_config.env,
+            token=self.backend.token,
+            request_timeout=self.config.request_timeout,
+            heartbeat=self.config.heartbeat,
+        )
+        return await client.connect()
+
+    async def _open_sessions(self, slot: _Slot) -> None:
+        options = self.fleet_config.env_options
+        await asyncio.gather(*(slot.client.open(env.sid, None, options, label=env.index) for env in slot.envs))
+
+    async def _watch(self, slot: _Slot) -> None:
+        """Replace the slot's server whenever its connection dies."""
+        assert self.backend is not None
+        while self.state is PoolState.OPEN:
+            await slot.client.wait_broken()
+            if self.state is not PoolState.OPEN:
+                return
+            slot.ready.clear()
+            await slot.client.close()
+            old = slot.url
+            log.warning("server %s lost (%s); replacing it", self.backend.describe(old), slot.client.broken_reason)
+            while self.state is PoolState.OPEN:
+                try:
+                    slot.url = await self.backend.replace(old)
+                    slot.client = await self._connect(slot.url)
+                    await self._open_sessions(slot)
+                    break
+                except EnvError as exc:
+                    log.warning("replacing %s failed: %s; retrying", old, exc)
+                    await slot.client.close()
+                    await asyncio.sleep(1.0)
+            slot.replacements += 1
+            slot.ready.set()
+
+    def _install_sigterm(self) -> None:
+        """Turn SIGTERM into cancellation of the task that owns the pool, so cleanup runs."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return  # the application handles SIGTERM itself
+        self._owner = asyncio.current_task()
+        if self._owner is None:
+            return
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._owner.cancel)
+            self._sigterm_installed = True
+        except (NotImplementedError, RuntimeError):
+            pass
+
+    def _remove_sigterm(self) -> None:
+        if self._sigterm_installed:
+            self._sigterm_installed = False
+            try:
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGTERM)
+            except RuntimeError:
+                pass
+
+    # -- batched calls (one frame per server)
+
+    async def reset(
+        self,
+        seeds: Iterable[int | None] | None = None,
+        env_ids: Sequence[int] | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Reset the envs ``env_ids`` (default: all) with ``seeds`` (default: unseeded)."""
+        ids = range(self.n) if env_ids is None else env_ids
+        args = [None] * len(ids) if seeds is None else list(seeds)
+        if len(args) != len(ids):
+            raise ValueError(f"{len(args)} seeds for {len(ids)} envs")
+        return await self._batch("reset", ids, args, return_exceptions)
+
+    async def step(
+        self,
+        actions: Sequence[Any],
+        env_ids: Sequence[int] | None = None,
+        *,
+        return_exceptions: bool = False,
+    ) -> list[Any]:
+        """Step the envs ``env_ids`` (default: all) with one action each."""
+        ids = range(self.n) if env_ids is None else env_ids
+        if len(actions) != len(ids):
+            raise ValueError(f"{len(actions)} actions for {len(ids)} envs")
+        return await self._batch("step", ids, actions, return_exceptions)
+
+    async def states(self, env_ids: Sequence[int] | None = None) -> list[Any]:
+        ids = range(self.n) if env_ids is None else env_ids
+        return await self._batch("state", ids, [None] * len(ids), False)
+
+    async def _batch(self, op: str, ids: Sequence[int], args: Sequence[Any], return_exceptions: bool) -> list[Any]:
+        self._check_open()
+        envs = self.envs
+        groups: dict[_Slot, tuple[list[int], list[tuple[int, Any]], list[int]]] = {}
+        for position, (index, arg) in enumerate(zip(ids, args)):
+            env = envs[index]
+            group = groups.get(env._slot)
+            if group is None:
+                group = groups[env._slot] = ([], [], [])
+            group[0].append(position)
+            group[1].append((env.sid, arg))
+            group[2].append(index)
+        results: list[Any] = [None] * len(ids)
+        pending = []
+        for slot, (positions, items, labels) in groups.items():
+            try:
+                pending.append((positions, slot.client.batch(op, items, labels)))
+            except EnvError as exc:  # the server is down: every env on it fails now
+                for position in positions:
+                    results[position] = exc
+        for positions, future in pending:
+            for position, value in zip(positions, await future):
+                results[position] = value
+        if not return_exceptions:
+            for value in results:
+                if isinstance(value, BaseException):
+                    raise value
+        return results
+
+    # -- whole episodes
+
+    async def run(
+        self,
+        policy: Policy,
+        episodes: int,
+        seed: int = 0,
+        *,
+        options: dict[str, Any] | None = None,
+        skip: Iterable[int] = (),
+    ) -> AsyncIterator[EpisodeRecord]:
+        """Play ``episodes`` episodes with at most n in flight; yield each record as it finishes.
+
+        Episode i is seeded by ``episode_seed(seed, i)`` alone, so its result does not depend
+        on which env or server ran it. An episode whose server dies is played again from its
+        seed on the replacement (up to ``max_episode_retries`` times); each is reported once.
+        ``skip`` lists episode indices not to play (e.g. already recorded by a resumed job).
+        """
+        self._check_open()
+        done = set(skip)
+        todo = iter([i for i in range(episodes) if i not in done])
+        remaining = episodes - len(done & set(range(episodes)))
+        queue: asyncio.Queue[EpisodeRecord | BaseException] = asyncio.Queue()
+
+        async def worker(env: Env) -> None:
+            try:
+                for episode in todo:
+                    queue.put_nowait(await self._play_with_retries(env, policy, episode, seed, options))
+            except BaseException as exc:  # hand every failure to the consumer
+                queue.put_nowait(exc)
+
+        workers = [asyncio.create_task(worker(env)) for env in self.envs[: max(0, min(self.n, remaining))]]
+        try:
+            for _ in range(remaining):
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _play_with_retries(self, env: Env, policy: Policy, episode: int, seed: int, options: dict[str, Any] | None) -> EpisodeRecord:
+        retries = 0
+        while True:
+            try:
+                return await self._play(env, policy, episode, seed, options, retries)
+            except EnvCrashed:
+                retries += 1
+                if retries > self.config.max_episode_retries:
+                    raise
+                await env.wait_ready(self.fleet_config.start_timeout + self.config.request_timeout)
+
+    async def _play(self, env: Env, policy: Policy, episode: int, seed: int, options: dict[str, Any] | None, retries: int) -> EpisodeRecord:
+        start = time.perf_counter()
+        ep_seed = episode_seed(seed, episode)
+        result = await env.reset(ep_seed, options)
+        total = 0.0
+        length = 0
+        while not (result.terminated or result.truncated):
+            action = policy(result.observation)
+            if inspect.isawaitable(action):
+                action = await action
+            result = await env.step(action)
+            total += result.reward
+            length += 1
+        info: dict[str, Any] = {"server": env.server, "env": env.index, "wall_time": time.perf_counter() - start}
+        returns = getattr(result.observation, "returns", None)
+        if returns is not None:
+            info["returns"] = returns
+        if retries:
+            info["retries"] = retries
+        return EpisodeRecord(episode, ep_seed, total, length, info)

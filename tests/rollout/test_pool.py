@@ -1,0 +1,136 @@
+"""EnvPool over the local backend: placement, batched calls, whole episodes, bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+
+import pytest
+
+from rollout import CapacityReached, EnvCrashed, EnvPool, EpisodeRecord, FleetError, InvalidAction, PoolClosed, episode_seed
+from rollout.pool import PoolState
+
+
+def first_legal(observation):  # type: ignore[no-untyped-def]
+    return observation.legal_actions[0]
+
+
+async def test_envs_spread_evenly_and_batched_calls_return_in_order() -> None:
+    async with EnvPool(n=10, game="catch", servers=2) as pool:
+        assert len(pool.envs) == 10 and len(pool.servers) == 2
+        assert sorted(sum(1 for e in pool.envs if e.server == s) for s in pool.servers) == [5, 5]
+        results = await pool.reset(seeds=range(10))
+        single = await pool.envs[3].reset(seed=3)
+        assert results[3].observation.info_state == single.observation.info_state
+        frames = sum(c.frames_sent for c in pool.clients)
+        results = await pool.step([0] * 10)
+        assert sum(c.frames_sent for c in pool.clients) - frames == 2  # one frame per server
+        assert all(r.observation.game_phase == "playing" for r in results)
+        states = await pool.states()
+        assert [s.step_count for s in states] == [1] * 10
+
+
+async def test_run_reports_each_episode_once_and_is_seeded_by_index() -> None:
+    async with EnvPool(n=8, game="tic_tac_toe", servers=2) as pool:
+        records = [r async for r in pool.run(first_legal, episodes=30, seed=5)]
+    assert sorted(r.episode for r in records) == list(range(30))
+    assert all(isinstance(r, EpisodeRecord) and r.seed == episode_seed(5, r.episode) for r in records)
+    # the same episodes on a differently shaped pool give the same results
+    async with EnvPool(n=3, game="tic_tac_toe", servers=1) as pool:
+        again = {r.episode: r async for r in pool.run(first_legal, episodes=30, seed=5)}
+    for record in records:
+        assert (again[record.episode].reward, again[record.episode].length) == (record.reward, record.length)
+        assert again[record.episode].info["returns"] == record.info["returns"]
+
+
+async def test_run_accepts_async_policies_and_skips_done_episodes() -> None:
+    rng = random.Random(0)
+
+    async def policy(observation):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(0)
+        return rng.choice(observation.legal_actions)
+
+    async with EnvPool(n=4, game="catch", servers=1) as pool:
+        records = [r async for r in pool.run(policy, episodes=12, seed=1, skip=range(0, 12, 2))]
+    assert sorted(r.episode for r in records) == list(range(1, 12, 2))
+    assert all(r.length == 9 for r in records)
+
+
+async def test_bad_action_names_env_and_server_and_pool_stays_usable() -> None:
+    async with EnvPool(n=4, game="catch", servers=2) as pool:
+        await pool.reset(seeds=range(4))
+        with pytest.raises(InvalidAction) as info:
+            await pool.envs[2].step(7)
+        assert info.value.env == 2 and info.value.server == pool.envs[2].server
+        results = await pool.step([7, 1, 1, 1], return_exceptions=True)
+        assert isinstance(results[0], InvalidAction) and results[0].env == 0
+        assert all(r.observation.game_phase == "playing" for r in results[1:])
+
+
+async def test_killed_server_is_replaced_and_runs_lose_nothing(alive) -> None:
+    async with EnvPool(n=16, game="catch", servers=2) as pool:
+        victim = pool.servers[0]
+        pid = pool.backend.pid(victim)  # type: ignore[union-attr]
+        seen: list[int] = []
+        async for record in pool.run(first_legal, episodes=400, seed=9):
+            seen.append(record.episode)
+            if len(seen) == 50:
+                os.kill(pid, signal.SIGKILL)
+        assert sorted(seen) == list(range(400))
+        assert victim not in pool.servers and not alive(pid)
+        assert len(pool.servers) == 2
+        await pool.reset()  # every env works again
+
+
+async def test_in_flight_calls_fail_fast_and_other_servers_keep_serving() -> None:
+    async with EnvPool(n=4, game="catch", servers=2) as pool:
+        await pool.reset()
+        doomed, healthy = pool.envs[0], pool.envs[1]
+        assert doomed.server != healthy.server
+
+        async def keep_stepping() -> None:
+            while True:
+                if (await doomed.step(1)).terminated:
+                    await doomed.reset()
+
+        task = asyncio.create_task(keep_stepping())
+        await asyncio.sleep(0.2)
+        os.kill(pool.backend.pid(doomed.server), signal.SIGKILL)  # type: ignore[union-attr]
+        with pytest.raises(EnvCrashed) as info:
+            await asyncio.wait_for(task, 1.0)
+        assert info.value.env == 0 and info.value.request is not None
+        assert (await healthy.step(1)).observation.game_phase == "playing"
+
+
+async def test_pool_stops_its_servers_on_error_and_refuses_after_close(alive) -> None:
+    pool = EnvPool(n=2, game="catch", servers=2)
+    with pytest.raises(RuntimeError):
+        async with pool:
+            pids = [pool.backend.pid(url) for url in pool.servers]  # type: ignore[union-attr]
+            raise RuntimeError("boom")
+    assert pool.state is PoolState.CLOSED
+    assert not any(alive(pid) for pid in pids)
+    with pytest.raises(PoolClosed):
+        await pool.step([0, 0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"env": "nosuchenv"}, "unknown environment"),
+        ({"game": "nosuchgame"}, "nosuchgame"),
+        ({"options": {"game": "catch", "params": {"rows": "x"}}}, "failed to start"),
+    ],
+)
+async def test_bad_env_or_game_is_a_fleet_error(kwargs: dict, match: str) -> None:
+    with pytest.raises(FleetError, match=match):
+        async with EnvPool(n=1, servers=1, **kwargs):
+            pass
+
+
+async def test_capacity_refusal_is_typed() -> None:
+    with pytest.raises(CapacityReached):
+        async with EnvPool(n=5, game="catch", servers=1, max_sessions=4):
+            pass
