@@ -318,7 +318,7 @@ class DockerFleet(FleetBackend):
         """Follow this pool's "die" events: fail starting containers fast, report dead servers."""
         assert self._docker is not None
         filters = {"type": ["container"], "event": ["die"], "label": [f"{LABEL_POOL}={self.pool_id}"]}
-        subscriber = self._docker.events.subscribe(filters=json.dumps(filters))
+        subscriber = self._docker.events.subscribe(filters=json.dumps(filters))  # type: ignore[no-untyped-call]
         self._watcher = asyncio.create_task(self._follow(subscriber, self._docker.events.task))
 
     async def _events_ready(self) -> None:

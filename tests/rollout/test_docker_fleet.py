@@ -14,9 +14,11 @@ import os
 import socket
 import subprocess
 import time
+from typing import Any
 
 import aiodocker
 import aiohttp
+import msgspec
 import pytest
 
 from rollout.config import FleetConfig
@@ -63,10 +65,9 @@ def docker_daemon():
     assert left == [], f"containers left behind by this test session: {[c['Name'] for c in left]}"
 
 
-def _config(**overrides) -> FleetConfig:
-    values = {"backend": "docker", "image": IMAGE, "servers": 2, "start_timeout": 60.0}
-    values.update(overrides)
-    return FleetConfig(**values)
+def _config(**overrides: Any) -> FleetConfig:
+    base = FleetConfig(backend="docker", image=IMAGE, servers=2, start_timeout=60.0)
+    return msgspec.structs.replace(base, **overrides)
 
 
 async def _assert_pool_gone(pool_id: str) -> None:
