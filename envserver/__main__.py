@@ -83,6 +83,7 @@ async def serve(config: Any, *, exit_with_stdin: bool = False) -> None:
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_quiet_cancellation)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     if config.lifetime:
@@ -93,6 +94,13 @@ async def serve(config: Any, *, exit_with_stdin: bool = False) -> None:
     host = f"[{config.host}]" if family == socket.AF_INET6 else config.host
     print(f"envserver {config.env} listening on http://{host}:{port}", flush=True)
     await hypercorn_serve(app, hconfig, shutdown_trigger=stop.wait)  # type: ignore[arg-type]
+
+
+def _quiet_cancellation(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Drop the CancelledError Python 3.11's stream callback reports for connections cut at shutdown."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
 
 
 async def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
