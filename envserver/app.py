@@ -14,10 +14,12 @@ from starlette.routing import Route, WebSocketRoute
 from . import openenv_http as http
 from .auth import TokenAuth
 from .config import ServerConfig
+from .metrics import metrics_endpoint
 from .mux import mux_endpoint
 from .openapi import openapi_document
 from .openenv_ws import ws_endpoint
 from .server import EnvServer
+from .web.routes import web_routes
 
 
 def create_app(config: ServerConfig | None = None) -> Starlette:
@@ -47,9 +49,12 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         Route("/state", http.state),
         Route("/close", http.close, methods=["POST"]),
         Route("/mcp", http.mcp, methods=["POST"]),
+        Route("/metrics", metrics_endpoint),
         WebSocketRoute("/ws", ws_endpoint),
         WebSocketRoute("/v1/mux", mux_endpoint),
     ]
+    if config.web:
+        routes += web_routes()
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.server = server
     if config.token:

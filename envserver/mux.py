@@ -16,6 +16,7 @@ import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .errors import ServerError
+from .metrics import mux_latency
 from .protocol import (
     OPS,
     Close,
@@ -49,6 +50,8 @@ class MuxConnection:
         self._wakeup = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._prefix = f"m{id(self):x}:"
+        self._now = time.monotonic()  # one clock read per frame marks its sessions used
+        self._latency = mux_latency(server)
 
     async def serve(self) -> None:
         writer = asyncio.create_task(self._write_forever())
@@ -61,7 +64,9 @@ class MuxConnection:
                 if data is None:
                     self._error(0, ErrorCode.INVALID_JSON, "mux frames are binary msgpack, not text")
                 else:
-                    self._handle_frame(data)
+                    start = time.perf_counter()
+                    count = self._handle_frame(data)
+                    self._latency.observe_frame(time.perf_counter() - start, count)
                 if self._outbox:
                     self._wakeup.set()
         except WebSocketDisconnect:
@@ -76,22 +81,25 @@ class MuxConnection:
 
     # -- frames
 
-    def _handle_frame(self, data: bytes) -> None:
+    def _handle_frame(self, data: bytes) -> int:
+        """Answer one frame's requests; return how many there were (for the latency histogram)."""
         stats = self.server.stats
         stats.frames_in += 1
         stats.bytes_in += len(data)
+        self._now = time.monotonic()
         if len(data) > self.server.config.max_frame_bytes:
             self._error(0, ErrorCode.FRAME_TOO_LARGE, f"frame of {len(data)} bytes exceeds {self.server.config.max_frame_bytes}")
-            return
+            return 0
         try:
             requests = mux_request_decoder.decode(data)
         except msgspec.ValidationError:  # a subclass of DecodeError: catch it first
             requests = self._salvage(data)
         except msgspec.DecodeError as exc:
             self._error(0, ErrorCode.INVALID_JSON, f"frame is not valid msgpack: {exc}")
-            return
+            return 0
         for request in requests:
             self._handle(request)
+        return len(requests)
 
     def _salvage(self, data: bytes) -> list[MuxRequest]:
         """Decode a frame with bad requests one by one: answer each bad one, keep the good ones."""
@@ -117,30 +125,37 @@ class MuxConnection:
 
     def _handle(self, request: MuxRequest) -> None:
         rid = request.id
+        kind = type(request)
         try:
-            if type(request) is Open:
-                self._open(request)
+            if kind is Open:
+                self._open(request)  # type: ignore[arg-type]
                 return
-            if type(request) is Ping:
+            if kind is Ping:
                 self._outbox.append(Reply(rid, True, None))
                 return
-            session = self._session(request.sid)
-            if session.env.blocking:
+            session = self.sessions.get(request.sid)
+            if session is None or session.closed:
+                session = self._session(request.sid)  # raises, saying why
+            session.last_used = self._now
+            env = session.env
+            if env.blocking:
                 self._spawn(request, session)
                 return
-            self._outbox.append(Reply(rid, True, self._run_inline(request, session)))
+            if kind is Step:  # the hot path
+                self.server.stats.steps += 1
+                result = env.step(env.parse_action(request.action))  # type: ignore[union-attr]
+            else:
+                result = self._run_inline(request, session)
+            self._outbox.append(Reply(rid, True, result))
         except Exception as exc:
             error = coded(exc)
             if error is not exc:
-                log.exception("environment failed on %s", type(request).__name__)
+                log.exception("environment failed on %s", kind.__name__)
             self._error(rid, error.code, error.message)
 
     def _run_inline(self, request: MuxRequest, session: Session) -> Any:
         env = session.env
         match request:
-            case Step(action=action):
-                self.server.stats.steps += 1
-                return env.step(env.parse_action(action))
             case Reset(seed=seed, options=options):
                 self.server.stats.resets += 1
                 return env.reset(seed=seed, options=options)
