@@ -198,3 +198,38 @@ async def test_daemon_down_is_a_fleet_error(monkeypatch, tmp_path):
         await fleet.start()
     with pytest.raises(FleetError):
         await list_containers()
+
+
+def _middle_action(observation: Any) -> int:
+    legal = observation.legal_actions
+    return int(legal[len(legal) // 2])
+
+
+async def _play(pool: Any, episodes: int, kill_after: int | None = None) -> list[tuple[int, int, float, int]]:
+    records = []
+    retried = 0
+    async for record in pool.run(_middle_action, episodes=episodes, seed=7):
+        records.append((record.episode, record.seed, record.reward, record.length))
+        retried += bool(record.info.get("retries"))
+        if kill_after is not None and len(records) == kill_after:
+            victim = pool.servers[0]
+            async with aiodocker.Docker() as docker:
+                for c in await _labelled(f"{LABEL_POOL}={pool.backend.pool_id}"):
+                    if c["Name"].lstrip("/") in pool.backend.describe(victim):
+                        await docker.containers.container(c["Id"]).kill()
+    if kill_after is not None:
+        assert victim not in pool.servers, "the killed server was not replaced"
+        assert retried > 0, "no episode was replayed after the kill"
+    return sorted(records)
+
+
+async def test_pool_plays_the_same_seeded_episodes_as_local_and_survives_a_kill(docker_daemon):
+    from rollout import EnvPool
+
+    async with EnvPool(n=4, game="catch", backend="local", servers=1) as local:
+        expected = await _play(local, episodes=200)
+    async with EnvPool(n=4, game="catch", backend="docker", servers=2, image=IMAGE) as pool:
+        assert await _play(pool, episodes=200) == expected
+        assert await _play(pool, episodes=200, kill_after=1) == expected
+        pool_id = pool.backend.pool_id
+    await _assert_pool_gone(pool_id)
