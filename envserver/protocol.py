@@ -228,9 +228,53 @@ class EchoState(msgspec.Struct, gc=False):
     step_count: int
 
 
+# ---- python sandbox (envserver/envs/python_sandbox.py)
+
+
+class PythonAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """Python source to run in the session's interpreter, like one notebook cell."""
+
+    code: str
+
+
+class PythonObservation(msgspec.Struct, gc=False):
+    """What running one cell did; ``notice`` says in words which limit was hit and what it cost."""
+
+    stdout: str = ""
+    stderr: str = ""  # includes the traceback when the code raised
+    exception_type: str | None = None
+    exception_message: str | None = None
+    exit_code: int | None = None  # the interpreter's exit status if it ended during the step (-N: signal N)
+    wall_time: float = 0.0  # seconds
+    timed_out: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    state_lost: bool = False  # the interpreter was replaced: earlier variables are gone
+    execution_count: int = 0
+    notice: str = ""
+    prompt: str | None = None  # the task, on reset in task mode
+    tests_passed: int | None = None  # task mode: hidden tests passing after this step
+    tests_total: int | None = None
+
+
+class PythonState(msgspec.Struct, gc=False):
+    episode_id: str | None
+    execution_count: int
+    task: str | None = None
+    max_steps: int | None = None
+    restarts: int = 0  # interpreters replaced after a timeout, crash or limit in this episode
+    seed: int | None = None
+
+
+# ---- end python sandbox
+
 # Observation and state types of the built-in environments, by env name (for typed clients).
-OBSERVATION_TYPES: dict[str, type] = {"openspiel": OpenSpielObservation, "echo": EchoObservation}
-STATE_TYPES: dict[str, type] = {"openspiel": OpenSpielState, "echo": EchoState}
+OBSERVATION_TYPES: dict[str, type] = {
+    "openspiel": OpenSpielObservation,
+    "echo": EchoObservation,
+    "python_sandbox": PythonObservation,
+}
+STATE_TYPES: dict[str, type] = {"openspiel": OpenSpielState, "echo": EchoState, "python_sandbox": PythonState}
 
 
 # --------------------------------------------------------------------------- mux: WS /v1/mux

@@ -11,6 +11,7 @@ from ..protocol import ErrorCode
 _REGISTRY = {
     "openspiel": "envserver.envs.openspiel:OpenSpielEnv",
     "echo": "envserver.envs.echo:EchoEnv",
+    "python_sandbox": "envserver.envs.python_sandbox:PythonSandboxEnv",
 }
 
 
