@@ -77,6 +77,7 @@ def daemon_cpu() -> float:
 
 async def run_one(k: int, image: str, max_creating: int) -> dict[str, Any]:
     fleet = DockerFleet(FleetConfig(backend="docker", image=image, servers=k, max_creating=max_creating))
+    load_before = os.getloadavg()[0]  # other work on the machine skews the wall times
     daemon_before = daemon_cpu()
     client_before = time.process_time()
     started = time.monotonic()
@@ -99,6 +100,7 @@ async def run_one(k: int, image: str, max_creating: int) -> dict[str, Any]:
         "all_healthy_s": round(healthy, 2),
         "containers_per_s": round(k / healthy, 2),
         "teardown_s": round(teardown, 2),
+        "loadavg_1m_before": round(load_before, 2),
     }
     if cpu:
         result["container_cpu_s_each"] = round(statistics.mean(cpu), 3)
