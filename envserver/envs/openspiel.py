@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-import random
 import os
 from typing import Any, Callable
 
@@ -19,6 +18,7 @@ from open_spiel.python.observation import make_observation
 
 from ..env import Environment
 from ..errors import ServerError
+from ..rng import SeededRandom
 from ..protocol import (
     ErrorCode,
     OpenSpielAction,
@@ -28,15 +28,17 @@ from ..protocol import (
     Tensor,
 )
 
-Policy = Callable[[random.Random, list[int]], int]
+Policy = Callable[[SeededRandom, list[int]], int]
 
 OPPONENTS: dict[str, Policy] = {
-    "random": lambda rng, legal: legal[int(rng.random() * len(legal))],
+    "random": lambda rng, legal: rng.pick(legal),
     "first_legal": lambda rng, legal: legal[0],
     "last_legal": lambda rng, legal: legal[-1],
 }
 
 _SIMULTANEOUS = int(pyspiel.PlayerId.SIMULTANEOUS)
+_TERMINAL = int(pyspiel.PlayerId.TERMINAL)
+_CHANCE = int(pyspiel.PlayerId.CHANCE)
 
 
 class GameConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -67,12 +69,13 @@ class _Game:
             self.tensor_shape = tuple(self.game.observation_tensor_shape())
         if self.observer is not None and math.prod(self.tensor_shape) != self.observer.tensor.size:
             self.tensor_shape = (self.observer.tensor.size,)
+        self.render: Callable[[Any, int], str]  # the agent's view as text
         if game_type.provides_observation_string:
-            self.text_kind = "observation"
+            self.render = pyspiel.State.observation_string
         elif game_type.provides_information_state_string:
-            self.text_kind = "information_state"
+            self.render = pyspiel.State.information_state_string
         else:
-            self.text_kind = "state"
+            self.render = lambda state, player: str(state)
 
 
 @functools.lru_cache(maxsize=64)
@@ -113,13 +116,15 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         self._cfg = self._defaults
         self._game: _Game | None = None
         self._state: Any = None
-        self._rng = random.Random()
+        self._rng = SeededRandom()
         self._seed: int | None = None
         self._episode_id: str | None = None
         self._steps = 0
         self._opponent_last: int | None = None
         self._legal: list[int] = []  # the agent's legal actions now
         self._return = 0.0  # the agent's return now
+        self._player = _TERMINAL  # the player to move now
+        self._over = True  # no episode running
 
     @staticmethod
     def _config(options: dict[str, Any], base: GameConfig) -> GameConfig:
@@ -154,32 +159,31 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
             )
         self._cfg, self._game = config, game
         self._seed = seed
-        self._rng = random.Random(seed)
+        self._rng = SeededRandom(seed)
         self._episode_id = os.urandom(8).hex()
         self._steps = 0
         self._opponent_last = None
         self._state = game.game.new_initial_state()
-        self._advance()
-        return StepResult(self._observation("initial"))
+        return StepResult(self._observation(self._advance(), "initial"))
 
     def step(self, action: OpenSpielAction) -> StepResult[OpenSpielObservation]:
-        state = self._state
-        if state is None or state.is_terminal():
-            raise ServerError(ErrorCode.EPISODE_OVER, "no episode is running: call reset first")
         if action.action_id not in self._legal:
+            if self._state is None or self._over:
+                raise ServerError(ErrorCode.EPISODE_OVER, "no episode is running: call reset first")
             raise ServerError(
                 ErrorCode.INVALID_ACTION,
                 f"action {action.action_id} is not legal; legal actions: {self._legal}",
             )
+        state = self._state
         before = self._return
-        if state.current_player() == _SIMULTANEOUS:
+        if self._player == _SIMULTANEOUS:
             state.apply_actions(self._joint_action(action.action_id))
         else:
             state.apply_action(action.action_id)
         self._steps += 1
-        self._advance()
-        terminated = state.is_terminal()
-        observation = self._observation("terminal" if terminated else "playing")
+        player = self._advance()
+        terminated = player == _TERMINAL
+        observation = self._observation(player, "terminal" if terminated else "playing")
         return StepResult(observation, self._return - before, terminated)
 
     def state(self) -> OpenSpielState:
@@ -201,20 +205,17 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
 
     # -- internals
 
-    def _advance(self) -> None:
-        """Play chance and opponent moves until it is the agent's turn or the game ends."""
+    def _advance(self) -> int:
+        """Play chance and opponent moves until it is the agent's turn or the game ends; return the player to move."""
         state, rng, agent = self._state, self._rng, self._cfg.agent_player
-        opponent = OPPONENTS[self._cfg.opponent]
-        while not state.is_terminal():
+        while True:
             player = state.current_player()
-            if state.is_chance_node():
-                outcomes = state.chance_outcomes()
-                actions = [a for a, _ in outcomes]
-                state.apply_action(rng.choices(actions, weights=[p for _, p in outcomes])[0])
-            elif player == agent or player == _SIMULTANEOUS:
-                return
+            if player == agent or player == _SIMULTANEOUS or player == _TERMINAL:
+                return player
+            if player == _CHANCE:
+                state.apply_action(rng.weighted(state.chance_outcomes()))
             else:
-                choice = opponent(rng, state.legal_actions(player))
+                choice = OPPONENTS[self._cfg.opponent](rng, state.legal_actions(player))
                 self._opponent_last = choice
                 state.apply_action(choice)
 
@@ -226,33 +227,26 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
             for p in range(self._game.num_players)  # type: ignore[union-attr]
         ]
 
-    def _observation(self, phase: str) -> OpenSpielObservation:
+    def _observation(self, player: int, phase: str) -> OpenSpielObservation:
         state, game, agent = self._state, self._game, self._cfg.agent_player
         assert game is not None
-        terminal = state.is_terminal()
-        player = state.current_player()
-        legal = state.legal_actions(agent) if not terminal and player in (agent, _SIMULTANEOUS) else []
+        self._player = player
+        self._over = player == _TERMINAL
+        legal = [] if self._over else state.legal_actions(agent)
         returns = state.returns()
         self._legal, self._return = legal, returns[agent]
         tensor = None
         if game.observer is not None:
             game.observer.set_from(state, agent)
             tensor = Tensor(game.tensor_shape, data=game.observer.tensor.tobytes())
-        if game.text_kind == "observation":
-            text = state.observation_string(agent)
-        elif game.text_kind == "information_state":
-            text = state.information_state_string(agent)
-        else:
-            text = str(state)
-        names = [state.action_to_string(agent, a) for a in legal] if self._cfg.action_names else None
         return OpenSpielObservation(
             legal_actions=legal,
             current_player_id=player,
             game_phase=phase,  # type: ignore[arg-type]
             info_state=tensor,
-            text=text,
+            text=game.render(state, agent),
             rewards=state.rewards(),
             returns=returns,
             opponent_last_action=self._opponent_last,
-            legal_action_names=names,
+            legal_action_names=[state.action_to_string(agent, a) for a in legal] if self._cfg.action_names else None,
         )
