@@ -234,7 +234,7 @@ class EchoState(msgspec.Struct, gc=False):
 class PythonAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """Python source to run in the session's interpreter, like one notebook cell."""
 
-    code: str
+    code: str = ""
 
 
 class PythonObservation(msgspec.Struct, gc=False):

@@ -400,10 +400,21 @@ def _apply_limits(config: dict[str, Any]) -> None:
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU at the soft limit ends the interpreter
 
 
+def _become_subreaper() -> None:
+    """Orphans of the sandbox's processes become ours, not init's: they stay findable and get reaped."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        pass
+
+
 def main() -> None:
     config = msgspec.json.decode(sys.argv[2])
     sys.argv = [""]
     worker = Worker(config)
+    _become_subreaper()
     sys.addaudithook(worker.audit)
     _apply_limits(config)
     worker.serve()

@@ -1,0 +1,363 @@
+"""The Python sandbox against real child processes: persistence, every bad-input case, task mode, a real server.
+
+Each test that ends an interpreter checks, by scanning /proc, that none of its processes
+is left running and that the test process holds no zombie child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from envserver.envs.python_sandbox import PythonSandboxEnv
+from envserver.envs.sandbox_tasks import TASKS
+from envserver.errors import ServerError
+from envserver.protocol import ErrorCode, PythonAction, PythonObservation
+
+# --------------------------------------------------------------------------- /proc helpers
+
+
+def _stat(pid: int | str) -> list[bytes]:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    return stat[stat.rindex(b")") + 2 :].split()  # state, ppid, pgrp, session, ...
+
+
+def _processes() -> dict[int, list[bytes]]:
+    return {int(p): fields for p in os.listdir("/proc") if p.isdigit() and (fields := _stat(p))}
+
+
+def session_members(sid: int) -> list[int]:
+    """Processes (zombies included) in the session the interpreter ``sid`` leads."""
+    return [pid for pid, fields in _processes().items() if int(fields[3]) == sid]
+
+
+def zombie_children() -> list[int]:
+    me = os.getpid()
+    return [pid for pid, fields in _processes().items() if int(fields[1]) == me and fields[0] == b"Z"]
+
+
+def assert_gone(*pids: int, timeout: float = 3.0) -> None:
+    """Nothing of these interpreters' sessions runs any more, and we left no zombie."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for sid in pids for p in session_members(sid)] + zombie_children()
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert not left, f"left behind: {left}"
+
+
+def pid_of(env: PythonSandboxEnv) -> int:
+    interpreter = env._interpreter
+    assert interpreter is not None and interpreter.pid is not None
+    return interpreter.pid
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture
+def make_env() -> Iterator[Any]:
+    """``make_env(**options)`` returns a reset sandbox; every one is closed and checked for leftovers."""
+    made: list[tuple[PythonSandboxEnv, list[int]]] = []
+
+    def make(**options: Any) -> PythonSandboxEnv:
+        env = PythonSandboxEnv(**{"timeout": 5.0, **options})
+        env.reset()
+        made.append((env, [pid_of(env)]))
+        return env
+
+    try:
+        yield make
+    finally:
+        for env, pids in made:
+            if env._interpreter is not None:
+                pids.append(pid_of(env))
+            env.close()
+        for _, pids in made:
+            assert_gone(*pids)
+
+
+def run(env: PythonSandboxEnv, code: str) -> PythonObservation:
+    result = env.step(PythonAction(code))
+    observation: PythonObservation = result.observation
+    return observation
+
+
+# --------------------------------------------------------------------------- the notebook
+
+
+def test_variables_persist_between_steps_like_cells(make_env: Any) -> None:
+    env = make_env()
+    assert run(env, "x = 41\ndef inc(v):\n    return v + 1").stdout == ""
+    obs = run(env, "print('x is', x)\ninc(x)")
+    assert obs.stdout == "x is 41\n42\n"
+    assert (obs.exception_type, obs.exit_code, obs.timed_out, obs.state_lost) == (None, None, False, False)
+    assert obs.execution_count == 2 and env.state().execution_count == 2
+    assert run(env, "import sys; print('to stderr', file=sys.stderr)").stderr == "to stderr\n"
+
+
+def test_exception_is_reported_with_a_traceback_of_user_frames_only(make_env: Any) -> None:
+    env = make_env()
+    obs = run(env, "def f():\n    return 1 / 0\nf()")
+    assert obs.exception_type == "ZeroDivisionError" and obs.exception_message == "division by zero"
+    assert 'File "<cell 1>", line 2, in f' in obs.stderr and "<sandbox>" not in obs.stderr
+    obs = run(env, "def broken(:")
+    assert obs.exception_type == "SyntaxError"
+    obs = run(env, "raise SystemExit(3)")  # like a notebook: the interpreter lives on
+    assert (obs.exception_type, obs.exception_message, obs.exit_code) == ("SystemExit", "3", None)
+    assert run(env, "print(f.__name__)").stdout == "f\n"
+
+
+def test_reset_replaces_the_interpreter(make_env: Any) -> None:
+    env = make_env()
+    run(env, "x = 1")
+    old = pid_of(env)
+    env.reset()
+    assert pid_of(env) != old
+    assert_gone(old)
+    assert run(env, "x").exception_type == "NameError"
+    assert env.state().execution_count == 1
+
+
+def test_same_seed_same_random_draws(make_env: Any) -> None:
+    env = make_env()
+    draws = []
+    for _ in range(2):
+        env.reset(seed=7)
+        draws.append(run(env, "import random; random.random()").stdout)
+    assert draws[0] == draws[1] != ""
+
+
+def test_step_before_reset_and_bad_options_are_coded_errors() -> None:
+    env = PythonSandboxEnv()
+    try:
+        with pytest.raises(ServerError) as info:
+            env.step(PythonAction("1"))
+        assert info.value.code is ErrorCode.EPISODE_OVER
+        with pytest.raises(ServerError) as info:
+            env.reset(options={"task": "no_such_task"})
+        assert info.value.code is ErrorCode.VALIDATION_ERROR and "fizzbuzz" in info.value.message
+        with pytest.raises(ServerError) as info:
+            env.reset(options={"timeout": 1000})  # limits are the operator's, not the client's
+        assert info.value.code is ErrorCode.VALIDATION_ERROR
+        with pytest.raises(ServerError):
+            PythonSandboxEnv(timeout="soon")
+    finally:
+        env.close()
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_infinite_loop_times_out_and_the_interpreter_restarts_cleanly(make_env: Any) -> None:
+    env = make_env(timeout=1.0)
+    run(env, "x = 1")
+    old = pid_of(env)
+    obs = run(env, "print('before', flush=True)\nwhile True:\n    pass")
+    assert obs.timed_out and obs.state_lost and obs.stdout == "before\n"
+    assert 1.0 <= obs.wall_time < 2.0 and "timed out after 1 s" in obs.notice and "lost" in obs.notice
+    assert_gone(old)
+    obs = run(env, "x")
+    assert obs.exception_type == "NameError" and not obs.state_lost
+    assert env.state().restarts == 1
+
+
+def test_fork_bomb_hits_the_process_limit_and_leaves_nothing_running(make_env: Any) -> None:
+    env = make_env(max_processes=16)
+    run(env, "import os\nkeep = 5")
+    sid = pid_of(env)
+    obs = run(env, "while True:\n    os.fork()")
+    assert obs.exception_type == "BlockingIOError" and "process limit" in (obs.exception_message or "")
+    assert "At most 16 processes" in obs.notice and not obs.state_lost
+    time.sleep(0.05)
+    assert [p for p in session_members(sid) if p != sid] == []  # the bomb's processes are gone
+    assert run(env, "print(keep)").stdout == "5\n"  # and the interpreter carries on
+
+
+def test_subprocesses_work_and_escaped_ones_die_with_the_session(make_env: Any) -> None:
+    env = make_env()
+    obs = run(env, "import subprocess\nprint(subprocess.run(['echo', 'hi'], capture_output=True, text=True).stdout)")
+    assert obs.stdout == "hi\n\n"
+    obs = run(env, "p = subprocess.Popen(['sleep', '60'], start_new_session=True)\nprint(p.pid)")
+    stray = int(obs.stdout)
+    env.close()
+    deadline = time.monotonic() + 3
+    while _stat(stray) and _stat(stray)[0] != b"Z" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not _stat(stray) or _stat(stray)[0] == b"Z"
+
+
+def test_allocating_10_gb_is_a_memory_error_and_the_session_survives(make_env: Any) -> None:
+    env = make_env(memory_mb=512)
+    run(env, "small = [1, 2, 3]")
+    obs = run(env, "big = bytearray(10 * 1024 ** 3)")
+    assert obs.exception_type == "MemoryError" and "512 MB" in obs.notice and not obs.state_lost
+    assert run(env, "print(len(small))").stdout == "3\n"
+
+
+def test_writing_1_gb_to_stdout_is_truncated_quickly(make_env: Any) -> None:
+    env = make_env(max_output_bytes=4096)
+    obs = run(env, "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1024):\n    sys.stdout.write(chunk)\nprint('done', file=sys.stderr)")
+    assert obs.stdout_truncated and not obs.stderr_truncated and obs.stderr == "done\n"
+    assert obs.stdout == "x" * 4096 and "1073741824 bytes written" in obs.notice
+    assert obs.wall_time < 4.0
+    # Raw writes to fd 1 bypass sys.stdout: the parent caps and drains them.
+    obs = run(env, "import os\nfor _ in range(128):\n    os.write(1, b'y' * (1 << 20))")
+    assert obs.stdout_truncated and obs.stdout == "y" * 4096 and not obs.timed_out
+    assert run(env, "print('ok')").stdout == "ok\n"
+
+
+def test_closing_stdin_and_stdout_only_affects_that_step(make_env: Any) -> None:
+    env = make_env()
+    obs = run(env, "import sys, os\nsys.stdin.close()\nos.close(0)\nv = 'alive'")
+    assert obs.exception_type is None
+    assert run(env, "input()").exception_type == "EOFError"  # stdin is empty, not the control channel
+    obs = run(env, "os.close(1)\nos.close(2)\nsys.stdout = None")
+    assert obs.exception_type is None
+    assert run(env, "print(v)").stdout == "alive\n"
+
+
+def test_os_exit_reports_the_status_and_restarts(make_env: Any) -> None:
+    env = make_env()
+    old = pid_of(env)
+    obs = run(env, "import os\nos._exit(3)")
+    assert obs.exit_code == 3 and obs.state_lost and "exited with status 3" in obs.notice
+    assert_gone(old)
+    assert run(env, "print('fresh')").stdout == "fresh\n"
+
+
+def test_exit_while_a_fork_holds_the_pipes_is_seen_at_once(make_env: Any) -> None:
+    env = make_env(timeout=5.0)
+    run(env, "import os, time\nif os.fork() == 0:\n    time.sleep(30)\n    os._exit(0)")
+    obs = run(env, "os._exit(4)")
+    assert obs.exit_code == 4 and obs.wall_time < 2.0
+
+
+def test_cpu_limit_ends_the_interpreter(make_env: Any) -> None:
+    env = make_env(cpu_seconds=1, timeout=5.0)
+    obs = run(env, "while True:\n    pass")
+    assert not obs.timed_out and obs.exit_code is not None and obs.exit_code < 0
+    assert "CPU time (1 s per interpreter)" in obs.notice and obs.state_lost
+
+
+def test_file_size_limit(make_env: Any) -> None:
+    env = make_env(max_file_mb=1)
+    obs = run(env, "open('big.bin', 'wb').write(b'0' * (2 << 20))")
+    assert obs.exception_type == "OSError" and "File too large" in (obs.exception_message or "")
+
+
+def test_signals_to_processes_outside_the_sandbox_are_refused(make_env: Any) -> None:
+    env = make_env()
+    obs = run(env, "import os, signal\nos.kill(os.getppid(), signal.SIGTERM)")
+    assert obs.exception_type == "PermissionError"
+    assert run(env, "os.kill(-1, signal.SIGKILL)").exception_type == "PermissionError"
+
+
+def test_close_during_a_step_ends_it_at_once(make_env: Any) -> None:
+    env = make_env(timeout=20.0)
+    sid = pid_of(env)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(run(env, "while True:\n    pass")))
+    start = time.monotonic()
+    thread.start()
+    time.sleep(0.2)
+    env.close()
+    thread.join(5)
+    assert not thread.is_alive() and time.monotonic() - start < 3
+    assert results and results[0].state_lost
+    assert_gone(sid)
+
+
+# --------------------------------------------------------------------------- task mode
+
+
+def test_task_mode_rewards_the_fraction_of_hidden_tests_passed(make_env: Any) -> None:
+    env = make_env()
+    result = env.reset(options={"task": "fizzbuzz", "max_steps": 3})
+    assert "fizzbuzz(n)" in (result.observation.prompt or "") and result.observation.tests_total == 4
+    step = env.step(PythonAction("def fizzbuzz(n):\n    print('called with', n)\n    return []"))
+    assert step.reward == 0.25 and not step.terminated and step.observation.tests_passed == 1
+    assert step.observation.stdout == ""  # nothing the tests ran or printed leaks out
+    step = env.step(PythonAction(TASKS["fizzbuzz"].solution))
+    assert (step.reward, step.terminated, step.truncated) == (1.0, True, False)
+    with pytest.raises(ServerError) as info:
+        env.step(PythonAction("1"))
+    assert info.value.code is ErrorCode.EPISODE_OVER
+
+
+def test_task_mode_truncates_after_max_steps_and_survives_hanging_tests(make_env: Any) -> None:
+    env = make_env(test_timeout=0.3)
+    env.reset(options={"task": "reverse_words", "max_steps": 2})
+    step = env.step(PythonAction("def reverse_words(s):\n    while True:\n        pass"))
+    assert step.reward == 0.0 and not step.observation.state_lost  # each hung test was interrupted
+    assert step.observation.wall_time < 1.0
+    step = env.step(PythonAction("x = 1"))
+    assert step.truncated and not step.terminated and env.state().max_steps == 2
+
+
+def test_every_task_is_solved_by_its_solution_and_not_by_nothing() -> None:
+    assert len(TASKS) >= 20
+    env = PythonSandboxEnv(timeout=10.0)
+    try:
+        for name, task in TASKS.items():
+            env.reset(options={"task": name})
+            assert env.step(PythonAction("pass")).reward == 0.0, name
+            step = env.step(PythonAction(task.solution))
+            assert (step.reward, step.terminated) == (1.0, True), (name, step.observation)
+    finally:
+        env.close()
+
+
+# --------------------------------------------------------------------------- through a real server
+
+
+async def _ws_step(ws: aiohttp.ClientWebSocketResponse, code: str) -> dict[str, Any]:
+    await ws.send_str(json.dumps({"type": "step", "data": {"code": code}}))
+    reply = json.loads(await ws.receive_str(timeout=15))
+    assert reply["type"] == "observation", reply
+    data: dict[str, Any] = reply["data"]
+    return data
+
+
+async def test_ws_sessions_do_not_block_each_other(spawn_server: Any, http: aiohttp.ClientSession) -> None:
+    server = spawn_server("--env", "python_sandbox", "--env-options", json.dumps({"timeout": 2.0}))
+    slow = await http.ws_connect(server.ws_url + "/ws")
+    fast = await http.ws_connect(server.ws_url + "/ws")
+    try:
+        for ws in (slow, fast):
+            await ws.send_str(json.dumps({"type": "reset", "data": {}}))
+            reply = json.loads(await ws.receive_str(timeout=15))
+            assert reply["type"] == "observation" and reply["data"]["done"] is False
+        looping = asyncio.create_task(_ws_step(slow, "while True:\n    pass"))
+        await asyncio.sleep(0.1)
+        start = time.monotonic()
+        first = await _ws_step(fast, "x = 1")
+        for _ in range(20):
+            data = await _ws_step(fast, "x += 1\nprint(x)")
+        assert time.monotonic() - start < 1.0 and not looping.done()
+        assert first["reward"] == 0.0 and data["observation"]["stdout"] == "21\n" and data["done"] is False
+        timed_out = await looping
+        assert timed_out["observation"]["timed_out"] and timed_out["observation"]["state_lost"]
+        assert (await _ws_step(slow, "print('again')"))["observation"]["stdout"] == "again\n"
+        await fast.send_str(json.dumps({"type": "state", "data": {}}))
+        state = json.loads(await fast.receive_str(timeout=5))
+        assert state["data"]["execution_count"] == 21
+    finally:
+        await slow.close()
+        await fast.close()
+    assert server.get_json("/health") == (200, {"status": "healthy"})
+    status, schema = server.get_json("/schema")
+    assert status == 200 and "code" in json.dumps(schema["action"])
