@@ -47,6 +47,7 @@ _PORT_KEY = f"{SERVER_PORT}/tcp"
 # 50 ms HTTP polls cost the client ~4 CPU-s, taken from the starting servers.
 _PROBE_FIRST, _PROBE_MAX, _PROBE_GROWTH = 0.02, 0.25, 1.5
 _INSPECT_INTERVAL = 5.0  # seconds between state checks, in case a "die" event was missed
+_DAEMON_GRACE = 10.0  # seconds past the start deadline before a hung daemon call is given up
 _EVENTS_READY_WAIT = 2.0  # seconds to wait for the events stream before creating containers
 _KILL_GRACE = 10  # seconds between the lifetime's SIGTERM and SIGKILL
 
@@ -252,19 +253,28 @@ class DockerFleet(FleetBackend):
         name = f"envfleet-{self.pool_id}-{next(self._serial)}"
         container: aiodocker.containers.DockerContainer | None = None
         try:
-            async with self._creating:
+            # The health wait has its own deadline; this one also bounds hung daemon calls.
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + _DAEMON_GRACE):
+                async with self._creating:
+                    try:
+                        container = await self._docker.containers.create(self._container_config(), name=name)
+                        await container.start()
+                        info = await container.show()
+                    except aiodocker.DockerError as exc:
+                        raise FleetError(f"cannot start container {name}: {exc.message}") from exc
                 try:
-                    container = await self._docker.containers.create(self._container_config(), name=name)
-                    await container.start()
-                    info = await container.show()
-                except aiodocker.DockerError as exc:
-                    raise FleetError(f"cannot start container {name}: {exc.message}") from exc
-            try:
-                port = info["NetworkSettings"]["Ports"][_PORT_KEY][0]["HostPort"]
-            except (KeyError, IndexError, TypeError) as exc:
-                raise FleetError(f"container {name} has no published port (did it exit at once?)") from exc
-            url = f"http://127.0.0.1:{port}"
-            await self._wait_healthy(container, name, url, deadline)
+                    port = info["NetworkSettings"]["Ports"][_PORT_KEY][0]["HostPort"]
+                except (KeyError, IndexError, TypeError) as exc:
+                    raise FleetError(f"container {name} has no published port (did it exit at once?)") from exc
+                url = f"http://127.0.0.1:{port}"
+                await self._wait_healthy(container, name, url, deadline)
+        except TimeoutError as exc:
+            if container is not None:
+                self._removing.add(container.id)
+                await _remove(self._docker, container.id)
+            raise FleetError(
+                f"container {name} was not up within {self.config.start_timeout:g} s: the Docker daemon did not answer"
+            ) from exc
         except BaseException:
             if container is not None:
                 self._removing.add(container.id)
