@@ -7,15 +7,19 @@ from .errors import (
     EnvCrashed,
     EnvError,
     EpisodeOver,
+    EvalError,
     FleetError,
     InvalidAction,
+    PolicyFailed,
     PoolClosed,
     RequestTimeout,
     ServerReplyError,
     Unauthorized,
     UnknownSession,
 )
+from .eval import evaluate
 from .pool import EnvPool, Env, EpisodeRecord, PoolConfig, episode_seed
+from .summary import EvalSummary
 
 __version__ = "0.1.0"
 
@@ -28,9 +32,12 @@ __all__ = [
     "EnvPool",
     "EpisodeOver",
     "EpisodeRecord",
+    "EvalError",
+    "EvalSummary",
     "FleetConfig",
     "FleetError",
     "InvalidAction",
+    "PolicyFailed",
     "PoolClosed",
     "PoolConfig",
     "RequestTimeout",
@@ -38,4 +45,5 @@ __all__ = [
     "Unauthorized",
     "UnknownSession",
     "episode_seed",
+    "evaluate",
 ]

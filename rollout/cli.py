@@ -15,6 +15,7 @@ import msgspec
 from .errors import EnvError
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+DASHBOARD_PORT = 8765
 
 
 def _fleet_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +29,17 @@ def _fleet_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", default="envfleet:latest", help="image of the docker backend")
     parser.add_argument("--max-sessions", type=int, help="session cap per server")
     parser.add_argument("--token", help="bearer token of the servers")
+
+
+def _dashboard_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dashboard",
+        nargs="?",
+        const=DASHBOARD_PORT,
+        type=int,
+        metavar="PORT",
+        help=f"serve a live dashboard on 127.0.0.1:PORT while the command runs (default port {DASHBOARD_PORT}; 0: a free one)",
+    )
 
 
 def _pool_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -55,18 +67,78 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="measure steps/s, episodes/s and step latency of a pool")
     _fleet_args(bench)
+    _dashboard_arg(bench)
     bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per mode (default: 10)")
     bench.add_argument("--mode", choices=["per-env", "batched", "both"], default="both")
     bench.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write results as JSON to PATH (or stdout)")
     bench.set_defaults(handler=_bench)
+
+    ev = commands.add_parser("eval", help="play a policy for many episodes into a resumable JSONL file")
+    _fleet_args(ev)
+    ev.add_argument("--policy", default="random", help="random, first-legal or module:function (default: random)")
+    ev.add_argument("--episodes", type=int, default=1000, help="episodes to play (default: 1000)")
+    ev.add_argument("--seed", type=int, default=0, help="run seed; episode i is seeded from it and i (default: 0)")
+    ev.add_argument("--out", required=True, help="results JSONL; re-running with the same file resumes")
+    ev.add_argument("--summary-json", metavar="PATH", help="also write the summary as JSON to PATH ('-': stdout)")
+    ev.add_argument("--progress-interval", type=float, default=5.0, help="seconds between progress lines when not on a terminal")
+    ev.set_defaults(handler=_eval)
+
+    rep = commands.add_parser("report", help="summarize an eval results file; optionally plot it")
+    rep.add_argument("file", help="results JSONL written by rollout eval")
+    rep.add_argument("--plot", metavar="PNG", help="draw the return histogram and the running mean (needs matplotlib)")
+    rep.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the summary as JSON to PATH (or stdout)")
+    rep.set_defaults(handler=_report)
     return parser
+
+
+def _emit_summary(summary: Any, json_path: str | None) -> None:
+    from .summary import format_summary, to_json
+
+    if json_path == "-":
+        print(to_json(summary))
+        return
+    if json_path:
+        with open(json_path, "w") as out:
+            out.write(to_json(summary) + "\n")
+    print(format_summary(summary))
+
+
+async def _eval(args: argparse.Namespace) -> int:
+    import os
+
+    from .eval import evaluate
+
+    if os.getcwd() not in sys.path:  # let --policy name a module in the current directory
+        sys.path.insert(0, os.getcwd())
+    summary = await evaluate(
+        args.policy, args.episodes, out=args.out, seed=args.seed, progress=sys.stderr,
+        progress_interval=args.progress_interval, **_pool_kwargs(args),
+    )
+    _emit_summary(summary, args.summary_json)
+    return EXIT_OK
+
+
+async def _report(args: argparse.Namespace) -> int:
+    from .report import plot, report
+
+    summary, contents = report(args.file)
+    if contents.dropped:
+        print(f"rollout: {args.file}: ignoring a half-written last line ({contents.dropped} bytes)", file=sys.stderr)
+    if args.plot:
+        what = summary.env + (f" {summary.options['game']}" if "game" in summary.options else "")
+        plot(contents.episodes, args.plot, f"{what}, policy {summary.policy}, seed {summary.seed}")
+        print(f"rollout: wrote {args.plot}", file=sys.stderr)
+    _emit_summary(summary, args.json)
+    return EXIT_OK
 
 
 async def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, table
+    from .dashboard import maybe_dashboard
 
     modes = ["per-env", "batched"] if args.mode == "both" else [args.mode]
-    report = await run_bench(_pool_kwargs(args), modes, args.seconds)
+    async with maybe_dashboard(args.dashboard, "bench") as telemetry:
+        report = await run_bench(_pool_kwargs(args), modes, args.seconds, telemetry=telemetry)
     if args.json:
         payload = msgspec.json.format(msgspec.json.encode(report), indent=2).decode()
         if args.json == "-":

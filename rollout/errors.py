@@ -10,7 +10,9 @@
     ├── EnvCrashed               the connection to the server died with the call in flight
     ├── RequestTimeout           no answer within the deadline
     ├── FleetError               a backend could not start, replace or stop servers
-    └── PoolClosed               the pool (or client) is closed
+    ├── PoolClosed               the pool (or client) is closed
+    └── EvalError                an evaluation job cannot start or go on (output file, policy)
+        └── PolicyFailed         the policy raised or chose an illegal action; names the episode
 """
 
 from __future__ import annotations
@@ -80,6 +82,18 @@ class FleetError(EnvError):
 
 class PoolClosed(EnvError):
     """The pool or client was used after it was closed."""
+
+
+class EvalError(EnvError):
+    """An evaluation job cannot start or go on: its output file or its policy is unusable."""
+
+
+class PolicyFailed(EvalError):
+    """The policy raised, or chose an illegal action, in episode ``episode``."""
+
+    def __init__(self, message: str, *, episode: int | None = None, **where: Any) -> None:
+        super().__init__(message, **where)
+        self.episode = episode
 
 
 _BY_CODE: dict[str, type[ServerReplyError]] = {

@@ -141,6 +141,8 @@ class EnvPool:
         self._watchers: list[asyncio.Task[None]] = []
         self._owner: asyncio.Task[Any] | None = None
         self._sigterm_installed = False
+        #: One ``(old_url, lost_at, ready_at)`` per replaced server, ``time.monotonic()`` times.
+        self.replacements_log: list[tuple[str, float, float]] = []
 
     @property
     def n(self) -> int:
@@ -224,6 +226,7 @@ class EnvPool:
             await slot.client.wait_broken()
             if self.state is not PoolState.OPEN:
                 return
+            lost_at = time.monotonic()
             slot.ready.clear()
             await slot.client.close()
             old = slot.url
@@ -239,6 +242,7 @@ class EnvPool:
                     await slot.client.close()
                     await asyncio.sleep(1.0)
             slot.replacements += 1
+            self.replacements_log.append((old, lost_at, time.monotonic()))
             slot.ready.set()
 
     def _install_sigterm(self) -> None:
@@ -336,6 +340,7 @@ class EnvPool:
         *,
         options: dict[str, Any] | None = None,
         skip: Iterable[int] = (),
+        per_episode: bool = False,
     ) -> AsyncIterator[EpisodeRecord]:
         """Play ``episodes`` episodes with at most n in flight; yield each record as it finishes.
 
@@ -343,6 +348,10 @@ class EnvPool:
         on which env or server ran it. An episode whose server dies is played again from its
         seed on the replacement (up to ``max_episode_retries`` times); each is reported once.
         ``skip`` lists episode indices not to play (e.g. already recorded by a resumed job).
+        With ``per_episode=True``, ``policy(episode_seed)`` is called at the start of every
+        episode (and retry) and returns that episode's observation -> action callable, e.g.
+        a random policy seeded from the episode seed. An exception raised while playing an
+        episode carries its index as ``exc.episode`` (and a note).
         """
         self._check_open()
         done = set(skip)
@@ -351,10 +360,14 @@ class EnvPool:
         queue: asyncio.Queue[EpisodeRecord | BaseException] = asyncio.Queue()
 
         async def worker(env: Env) -> None:
+            episode = None
             try:
                 for episode in todo:
-                    queue.put_nowait(await self._play_with_retries(env, policy, episode, seed, options))
+                    queue.put_nowait(await self._play_with_retries(env, policy, episode, seed, options, per_episode))
             except BaseException as exc:  # hand every failure to the consumer
+                if episode is not None and isinstance(exc, Exception) and not hasattr(exc, "episode"):
+                    exc.episode = episode  # type: ignore[attr-defined]
+                    exc.add_note(f"while playing episode {episode} (seed {episode_seed(seed, episode)})")
                 queue.put_nowait(exc)
 
         workers = [asyncio.create_task(worker(env)) for env in self.envs[: max(0, min(self.n, remaining))]]
@@ -369,11 +382,14 @@ class EnvPool:
                 task.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    async def _play_with_retries(self, env: Env, policy: Policy, episode: int, seed: int, options: dict[str, Any] | None) -> EpisodeRecord:
+    async def _play_with_retries(
+        self, env: Env, policy: Policy, episode: int, seed: int, options: dict[str, Any] | None, per_episode: bool = False
+    ) -> EpisodeRecord:
         retries = 0
         while True:
             try:
-                return await self._play(env, policy, episode, seed, options, retries)
+                act = policy(episode_seed(seed, episode)) if per_episode else policy
+                return await self._play(env, act, episode, seed, options, retries)
             except EnvCrashed:
                 retries += 1
                 if retries > self.config.max_episode_retries:

@@ -18,9 +18,12 @@ def test_exported_members() -> None:
         "EnvPool",
         "EpisodeOver",
         "EpisodeRecord",
+        "EvalError",
+        "EvalSummary",
         "FleetConfig",
         "FleetError",
         "InvalidAction",
+        "PolicyFailed",
         "PoolClosed",
         "PoolConfig",
         "RequestTimeout",
@@ -28,6 +31,7 @@ def test_exported_members() -> None:
         "Unauthorized",
         "UnknownSession",
         "episode_seed",
+        "evaluate",
     ]
     for name in rollout.__all__:
         assert getattr(rollout, name) is not None
@@ -35,7 +39,7 @@ def test_exported_members() -> None:
 
 def test_importing_rollout_does_not_import_the_server() -> None:
     code = (
-        "import sys, rollout, rollout.cli, rollout.bench;"
+        "import sys, rollout, rollout.cli, rollout.bench, rollout.eval, rollout.report;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('starlette', 'hypercorn', 'pyspiel', 'open_spiel', 'numpy')"
         " or (m.startswith('envserver') and m not in ('envserver', 'envserver.protocol'))];"
         "print(bad); sys.exit(1 if bad else 0)"
