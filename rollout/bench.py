@@ -7,11 +7,14 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from .pool import EnvPool
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 
 class BenchResult(msgspec.Struct):
@@ -126,10 +129,17 @@ async def _progress(label: str, counter: _Counter, started: float, seconds: floa
         stream.flush()
 
 
-async def measure(pool: EnvPool, mode: str, seconds: float, *, warmup: float = 1.0, seed: int = 0, progress: Any = None) -> BenchResult:
+async def measure(
+    pool: EnvPool, mode: str, seconds: float, *, warmup: float = 1.0, seed: int = 0, progress: Any = None, telemetry: Telemetry | None = None
+) -> BenchResult:
     """Run ``mode`` for ``warmup`` then ``seconds`` seconds and return what was measured."""
-    await MODES[mode](pool, time.perf_counter() + warmup, _Counter(), seed)
+    warm = _Counter()
+    if telemetry is not None:
+        telemetry.watch(warm, f"{mode} warm-up")
+    await MODES[mode](pool, time.perf_counter() + warmup, warm, seed)
     counter = _Counter()
+    if telemetry is not None:
+        telemetry.watch(counter, mode)
     started = time.perf_counter()
     reporter = asyncio.create_task(_progress(mode, counter, started, seconds, progress)) if progress else None
     try:
@@ -170,8 +180,12 @@ def table(results: list[BenchResult]) -> str:
     return "\n".join(rows)
 
 
-async def run_bench(pool_kwargs: dict[str, Any], modes: list[str], seconds: float, *, progress: Any = sys.stderr) -> BenchReport:
+async def run_bench(
+    pool_kwargs: dict[str, Any], modes: list[str], seconds: float, *, progress: Any = sys.stderr, telemetry: Telemetry | None = None
+) -> BenchReport:
     async with EnvPool(**pool_kwargs) as pool:
-        results = [await measure(pool, mode, seconds, progress=progress) for mode in modes]
+        if telemetry is not None:
+            telemetry.attach(pool)
+        results = [await measure(pool, mode, seconds, progress=progress, telemetry=telemetry) for mode in modes]
         fleet = pool.fleet_config
         return BenchReport(env=fleet.env, options=dict(fleet.env_options), backend=fleet.backend, results=results)
