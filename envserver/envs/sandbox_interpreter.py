@@ -23,7 +23,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ WORKER_SOURCE = Path(__file__).with_name("sandbox_worker.py").read_text()
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _F_SETPIPE_SZ = 1031
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
-_live: weakref.WeakSet[Interpreter] = weakref.WeakSet()
+_live: set[Interpreter] = set()  # not yet released; closed at exit (a cleanup still queued at shutdown)
 
 
 class SandboxLimits(msgspec.Struct, frozen=True, kw_only=True):

@@ -292,7 +292,7 @@ class Worker:
             request = self.receive()
             if request is None:  # the parent closed the pipe: we are done
                 return
-            if type(request) is Exec:
+            if isinstance(request, Exec):
                 self.send(self.execute(request))
             else:
                 self.send(self.run_tests(request))
@@ -329,6 +329,7 @@ class Worker:
     def _run_cell(self, code: str, filename: str) -> None:
         tree = ast.parse(code, filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        assert last is None or isinstance(last, ast.Expr)
         exec(compile(tree, filename, "exec"), self.namespace)
         if last is not None:  # like a REPL: show the value of a final expression
             value = eval(compile(ast.Expression(last.value), filename, "eval"), self.namespace)
