@@ -59,9 +59,7 @@ def summarize(lines: Sequence[EpisodeLine], header: Header, out: str, **fields: 
     """Summarize episode lines of the job ``header`` names; ``fields`` fill the run's own numbers."""
     mean, std, low, high = mean_ci95([line.ret for line in lines])
     outcomes = [line.outcome for line in lines if line.outcome is not None]
-    rates: dict[str, float | None] = {f"{o}_rate": None for o in ("win", "draw", "loss")}
-    if outcomes:
-        rates = {f"{o}_rate": outcomes.count(o) / len(outcomes) for o in ("win", "draw", "loss")}  # type: ignore[arg-type]
+    win, draw, loss = (outcomes.count(o) / len(outcomes) if outcomes else None for o in ("win", "draw", "loss"))
     lengths = sorted(line.length for line in lines)
     return EvalSummary(
         out=out,
@@ -75,7 +73,9 @@ def summarize(lines: Sequence[EpisodeLine], header: Header, out: str, **fields: 
         ci95_low=low,
         ci95_high=high,
         outcomes=len(outcomes),
-        **rates,
+        win_rate=win,
+        draw_rate=draw,
+        loss_rate=loss,
         length_min=lengths[0] if lengths else None,
         length_p50=statistics.median(lengths) if lengths else None,
         length_max=lengths[-1] if lengths else None,
