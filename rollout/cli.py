@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = commands.add_parser("eval", help="play a policy for many episodes into a resumable JSONL file")
     _fleet_args(ev)
+    _dashboard_arg(ev)
     ev.add_argument("--policy", default="random", help="random, first-legal or module:function (default: random)")
     ev.add_argument("--episodes", type=int, default=1000, help="episodes to play (default: 1000)")
     ev.add_argument("--seed", type=int, default=0, help="run seed; episode i is seeded from it and i (default: 0)")
@@ -106,14 +107,16 @@ def _emit_summary(summary: Any, json_path: str | None) -> None:
 async def _eval(args: argparse.Namespace) -> int:
     import os
 
+    from .dashboard import maybe_dashboard
     from .eval import evaluate
 
     if os.getcwd() not in sys.path:  # let --policy name a module in the current directory
         sys.path.insert(0, os.getcwd())
-    summary = await evaluate(
-        args.policy, args.episodes, out=args.out, seed=args.seed, progress=sys.stderr,
-        progress_interval=args.progress_interval, **_pool_kwargs(args),
-    )
+    async with maybe_dashboard(args.dashboard, "eval") as telemetry:
+        summary = await evaluate(
+            args.policy, args.episodes, out=args.out, seed=args.seed, progress=sys.stderr,
+            progress_interval=args.progress_interval, telemetry=telemetry, **_pool_kwargs(args),
+        )
     _emit_summary(summary, args.summary_json)
     return EXIT_OK
 

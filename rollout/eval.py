@@ -17,12 +17,15 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .errors import EnvError, EvalError, InvalidAction, PolicyFailed
 from .pool import EnvPool, EpisodeRecord
 from .results import EpisodeLine, Header, Outcome, ResultsFile
 from .summary import EvalSummary, summarize
+
+if TYPE_CHECKING:
+    from .telemetry import Telemetry
 
 PolicyFactory = Callable[[int], Callable[[Any], Any]]  # episode seed -> observation -> action
 
@@ -168,6 +171,7 @@ async def evaluate(
     progress: IO[str] | None = sys.stderr,
     progress_interval: float = 5.0,
     fsync_interval: float = 1.0,
+    telemetry: Telemetry | None = None,
     **pool_kwargs: Any,
 ) -> EvalSummary:
     """Play ``episodes`` episodes of ``policy``, appending one line each to ``out``; resume if it exists.
@@ -175,6 +179,7 @@ async def evaluate(
     ``pool_kwargs`` go to ``EnvPool`` (endpoints, image, token, max_sessions, ...). Raises
     ``EvalError`` when ``out`` belongs to another job, and ``PolicyFailed`` (naming the
     episode) when the policy raises or picks an illegal action; the file stays valid.
+    ``telemetry`` (see ``rollout.dashboard``) is told the pool and every finished episode.
     """
     if episodes < 0:
         raise ValueError("episodes must be >= 0")
@@ -197,7 +202,7 @@ async def evaluate(
         if todo:
             played, seconds = await _play(
                 results, factory, name, episodes, seed, todo, {line.episode for line in lines}, progress, progress_interval,
-                n=min(n, todo), env=env, backend=backend, servers=servers, options=env_options, **pool_kwargs,
+                telemetry, n=min(n, todo), env=env, backend=backend, servers=servers, options=env_options, **pool_kwargs,
             )
             lines += played
     finally:
@@ -211,12 +216,15 @@ async def evaluate(
 
 async def _play(
     results: ResultsFile, factory: PolicyFactory, name: str, episodes: int, seed: int, todo: int, skip: set[int],
-    progress: IO[str] | None, progress_interval: float, **pool_kwargs: Any,
+    progress: IO[str] | None, progress_interval: float, telemetry: Telemetry | None, **pool_kwargs: Any,
 ) -> tuple[list[EpisodeLine], float]:
     """Play the episodes not in ``skip``; return their lines and the seconds it took (fleet start not counted)."""
     played: list[EpisodeLine] = []
     bar = Progress(progress, episodes, episodes - todo, progress_interval)
     async with EnvPool(**pool_kwargs) as pool:
+        if telemetry is not None:
+            telemetry.attach(pool)
+            telemetry.start_eval(episodes, episodes - todo)
         bar.start()  # also starts the clock
         try:
             async for record in pool.run(factory, episodes, seed, skip=skip, per_episode=True):
@@ -228,6 +236,8 @@ async def _play(
                 results.append(line)
                 played.append(line)
                 bar.done += 1
+                if telemetry is not None:
+                    telemetry.episode(record)
         except EnvError as exc:
             if isinstance(exc, InvalidAction):
                 raise _policy_error(exc, name, results.path, len(skip) + len(played)) from exc

@@ -21,7 +21,9 @@ import pytest
 
 from rollout import EnvPool
 from rollout.bench import run_bench
+from rollout.cli import DASHBOARD_PORT, build_parser
 from rollout.dashboard import Dashboard, parse_metrics
+from rollout.eval import evaluate
 from rollout.fleet.local import LocalFleet
 from rollout.pool import EpisodeRecord
 from rollout.telemetry import Telemetry
@@ -124,6 +126,29 @@ async def test_status_shows_eval_progress_and_episode_times(http: aiohttp.Client
         assert status["totals"] == {"steps": 36, "episodes": 4, "errors": 0}
         assert status["latency"]["kind"] == "episode" and status["latency"]["p99_ms"] == pytest.approx(40.0)
         assert status["phase"] == "eval" and status["pool"] is None and status["servers"] == []
+
+
+async def test_status_follows_rollout_eval_and_its_resume(http: aiohttp.ClientSession, tmp_path: Any) -> None:
+    out = str(tmp_path / "eval.jsonl")
+    pool: dict[str, Any] = {"n": 4, "servers": 1, "game": "catch", "progress": None}
+    telemetry = Telemetry("eval")
+    async with Dashboard(telemetry, port=0, interval=0.1) as dashboard:
+        await evaluate("random", 60, out=out, telemetry=telemetry, **pool)
+        status = await wait_for(http, dashboard, lambda s: s["latency"]["p50_ms"] is not None)
+        assert status["eval"]["done"] == status["eval"]["total"] == 60 and status["eval"]["eta_s"] == 0
+        assert status["totals"]["episodes"] == 60 and status["totals"]["steps"] == 60 * 9  # catch: 9 steps
+        assert status["latency"]["kind"] == "episode" and status["pool"] == {"n": 4, "servers": 1}
+        await evaluate("random", 80, out=out, telemetry=telemetry, **pool)  # resumes
+        status = await get_status(http, dashboard)
+        assert status["eval"]["done"] == status["eval"]["total"] == 80 and status["totals"]["episodes"] == 80
+
+
+def test_dashboard_flag_of_bench_and_eval() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["bench"]).dashboard is None
+    assert parser.parse_args(["bench", "--dashboard"]).dashboard == DASHBOARD_PORT == 8765
+    assert parser.parse_args(["bench", "--dashboard", "0", "--n", "2"]).dashboard == 0
+    assert parser.parse_args(["eval", "--out", "x.jsonl", "--dashboard", "9000"]).dashboard == 9000
 
 
 # --------------------------------------------------------------------------- in a real browser
