@@ -127,7 +127,11 @@ class Dashboard:
         try:
             await self._runner.setup()
             site = web.TCPSite(self._runner, self.host, self.port)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                hint = f"the dashboard cannot listen on {self.host}:{self.port} ({exc.strerror or exc}); pass --dashboard 0 for any free port"
+                raise OSError(exc.errno, hint) from exc
             port = self._runner.addresses[0][1]  # the port chosen for port 0
             self.url = f"http://{self.host}:{port}/"
             timeout = aiohttp.ClientTimeout(total=max(0.5, min(2.0, self.interval * 2)))
