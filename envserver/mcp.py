@@ -24,6 +24,8 @@ async def handle_jsonrpc(server: EnvServer, session: Session | None, payload: An
         return _error(payload.get("id") if isinstance(payload, dict) else None, INVALID_REQUEST, "not a JSON-RPC 2.0 request")
     rid, method = payload.get("id"), payload["method"]
     params = payload.get("params") or {}
+    if not isinstance(params, dict):
+        return _error(rid, INVALID_PARAMS, "params must be an object")
     env_class = type(session.env) if session is not None else server.env_class
     if method == "initialize":
         return {
@@ -43,7 +45,7 @@ async def handle_jsonrpc(server: EnvServer, session: Session | None, payload: An
         return {"jsonrpc": "2.0", "id": rid, "result": {"tools": tools}}
     if method == "tools/call":
         name, arguments = params.get("name"), params.get("arguments") or {}
-        if name not in env_class.tools or not isinstance(arguments, dict):
+        if not isinstance(name, str) or name not in env_class.tools or not isinstance(arguments, dict):
             return _error(rid, INVALID_PARAMS, f"unknown tool {name!r}; tools: {', '.join(env_class.tools) or 'none'}")
         env = session.env if session is not None else server._make_env()
         try:

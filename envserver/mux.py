@@ -94,7 +94,7 @@ class MuxConnection:
             requests = mux_request_decoder.decode(data)
         except msgspec.ValidationError:  # a subclass of DecodeError: catch it first
             requests = self._salvage(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # the last two: bad utf-8, deep nesting
             self._error(0, ErrorCode.INVALID_JSON, f"frame is not valid msgpack: {exc}")
             return 0
         for request in requests:
@@ -105,7 +105,7 @@ class MuxConnection:
         """Decode a frame with bad requests one by one: answer each bad one, keep the good ones."""
         try:
             items = msgspec.msgpack.decode(data)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             self._error(0, ErrorCode.INVALID_JSON, f"frame is not valid msgpack: {exc}")
             return []
         if not isinstance(items, list):

@@ -56,7 +56,7 @@ async def read_json(request: Request, type_: Any) -> Any:
         return msgspec.json.decode(bytes(body) or b"{}", type=type_)
     except msgspec.ValidationError as exc:
         raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad request body: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise ServerError(ErrorCode.INVALID_JSON, f"invalid JSON: {exc}") from None
 
 

@@ -57,7 +57,7 @@ async def _serve(server: EnvServer, session: Session, websocket: WebSocket) -> N
         except msgspec.ValidationError as exc:
             await _send_error(websocket, ServerError(ErrorCode.VALIDATION_ERROR, f"bad message: {exc}"))
             continue
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
             await _send_error(websocket, ServerError(ErrorCode.INVALID_JSON, f"invalid JSON: {exc}"))
             continue
         if request.type == "close":
