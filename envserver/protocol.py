@@ -136,14 +136,16 @@ class Tensor:
 
     @classmethod
     def from_ext(cls, payload: memoryview | bytes) -> Tensor:
-        ndim = payload[1]
-        key = bytes(payload[: 2 + 4 * ndim])
+        end = 2 + 4 * payload[1]
+        key = bytes(payload[:end])
         layout = _EXT_LAYOUTS.get(key)
         if layout is None:
-            shape = struct.unpack_from(f"<{ndim}I", payload, 2)
-            layout = _EXT_LAYOUTS[key] = (shape, list(cls._CODES)[payload[0]], len(key))
-        shape, dtype, offset = layout
-        return cls(shape, dtype, data=bytes(payload[offset:]))
+            shape = struct.unpack_from(f"<{payload[1]}I", payload, 2)
+            layout = _EXT_LAYOUTS[key] = (shape, list(cls._CODES)[payload[0]])
+        tensor = cls.__new__(cls)  # trusted layout: skip __init__'s checks on the hot path
+        tensor.shape, tensor.dtype = layout
+        tensor._data, tensor._values = bytes(payload[end:]), None
+        return tensor
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tensor) and (self.shape, self.dtype, self.data) == (
@@ -158,7 +160,7 @@ class Tensor:
 
 TENSOR_EXT = 1
 _EXT_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-_EXT_LAYOUTS: dict[bytes, tuple[tuple[int, ...], str, int]] = {}
+_EXT_LAYOUTS: dict[bytes, tuple[tuple[int, ...], str]] = {}
 
 
 # --------------------------------------------------------------------------- environment payloads
@@ -409,9 +411,9 @@ def _ext_msgpack(code: int, data: memoryview) -> Any:
 
 
 def _dec_hook(type_: type, obj: Any) -> Any:
+    if type(obj) is Tensor:
+        return obj
     if type_ is Tensor:
-        if isinstance(obj, Tensor):
-            return obj
         if isinstance(obj, list):  # JSON: a flat list of numbers
             return Tensor((len(obj),), values=[float(v) for v in obj])
     raise NotImplementedError(f"cannot decode {type_!r}")

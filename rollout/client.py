@@ -11,6 +11,7 @@ import asyncio
 import enum
 import itertools
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import aiohttp
@@ -93,6 +94,8 @@ class EnvClient:
         self._inflight: dict[int, _Entry] = {}
         self._outbox: list[MuxRequest] = []
         self._wakeup: asyncio.Event | None = None
+        self._wake_pending = False
+        self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by connect()
         self._http: aiohttp.ClientSession | None = None
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -118,6 +121,7 @@ class EnvClient:
             self.state = ClientState.BROKEN
             raise EnvCrashed(f"cannot connect: {exc!r}", server=self.url) from exc
         self.state = ClientState.OPEN
+        self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._ended = asyncio.Event()
         self._tasks = [
@@ -165,23 +169,23 @@ class EnvClient:
     def new_sid(self) -> int:
         return next(self._sids)
 
-    async def open(self, sid: int, env: str | None = None, options: dict[str, Any] | None = None, *, label: Any = None) -> OpenResult:
-        result: OpenResult = await self._call(Open(next(self._ids), sid, env, options or {}), _open_decoder, label)
-        return result
+    # Each call returns the future of its reply (await it): no coroutine frame per call.
 
-    async def reset(self, sid: int, seed: int | None = None, options: dict[str, Any] | None = None, *, label: Any = None) -> StepResult[Any]:
-        result: StepResult[Any] = await self._call(Reset(next(self._ids), sid, seed, options), self._step_decoder, label)
-        return result
+    def open(self, sid: int, env: str | None = None, options: dict[str, Any] | None = None, *, label: Any = None) -> Awaitable[OpenResult]:
+        """Open session ``sid`` of ``env`` (default: the server's) with ``options``."""
+        return self._call(Open(next(self._ids), sid, env, options or {}), _open_decoder, label)
 
-    async def step(self, sid: int, action: Any, *, label: Any = None) -> StepResult[Any]:
-        result: StepResult[Any] = await self._call(Step(next(self._ids), sid, action), self._step_decoder, label)
-        return result
+    def reset(self, sid: int, seed: int | None = None, options: dict[str, Any] | None = None, *, label: Any = None) -> Awaitable[StepResult[Any]]:
+        return self._call(Reset(next(self._ids), sid, seed, options), self._step_decoder, label)
 
-    async def get_state(self, sid: int, *, label: Any = None) -> Any:
-        return await self._call(GetState(next(self._ids), sid), self._state_decoder, label)
+    def step(self, sid: int, action: Any, *, label: Any = None) -> Awaitable[StepResult[Any]]:
+        return self._call(Step(next(self._ids), sid, action), self._step_decoder, label)
 
-    async def close_session(self, sid: int, *, label: Any = None) -> None:
-        await self._call(Close(next(self._ids), sid), _none_decoder, label)
+    def get_state(self, sid: int, *, label: Any = None) -> Awaitable[Any]:
+        return self._call(GetState(next(self._ids), sid), self._state_decoder, label)
+
+    def close_session(self, sid: int, *, label: Any = None) -> Awaitable[None]:
+        return self._call(Close(next(self._ids), sid), _none_decoder, label)
 
     async def ping(self) -> float:
         """Round-trip time of one request, in seconds."""
@@ -225,22 +229,36 @@ class EnvClient:
 
     def _check_open(self) -> None:
         if self.state is not ClientState.OPEN:
-            if self.state is ClientState.BROKEN:
+            if self.broken_reason:  # died, whether or not closed since: the server is gone
                 raise EnvCrashed(f"connection lost: {self.broken_reason}", server=self.url)
             raise PoolClosed(f"client is {self.state.value}", server=self.url)
 
     def _call(self, request: MuxRequest, decoder: Any, label: Any) -> asyncio.Future[Any]:
-        self._check_open()
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._inflight[request.id] = (future, -1, decoder, label if label is not None else request.sid, time.monotonic() + self._request_timeout)
+        future: asyncio.Future[Any] = self._loop.create_future()
+        if self.state is not ClientState.OPEN:
+            try:
+                self._check_open()
+            except EnvError as exc:
+                exc.request, exc.env = request.id, label if label is not None else request.sid
+                future.set_exception(exc)
+                return future
+        self._inflight[request.id] = (
+            future,
+            -1,
+            decoder,
+            label if label is not None else request.sid,
+            time.monotonic() + self._request_timeout,
+        )
         self._outbox.append(request)
-        self._wake()
+        if not self._wake_pending:
+            self._wake_pending = True
+            self._wakeup.set()  # type: ignore[union-attr]
         return future
 
     def _wake(self) -> None:
-        wakeup = self._wakeup
-        if wakeup is not None and not wakeup.is_set():
-            wakeup.set()
+        if not self._wake_pending and self._wakeup is not None:
+            self._wake_pending = True
+            self._wakeup.set()
 
     async def _write_forever(self) -> None:
         assert self._ws is not None and self._wakeup is not None
@@ -249,6 +267,7 @@ class EnvClient:
             while True:
                 await wakeup.wait()
                 wakeup.clear()
+                self._wake_pending = False
                 while self._outbox:
                     requests, self._outbox = self._outbox, []
                     for frame in self._frames(requests):
@@ -293,17 +312,19 @@ class EnvClient:
                     self._broken(f"server rejected a frame: {info.code}: {info.message}")
                 continue
             target, index, decoder, label, _ = entry
-            if reply.ok:
+            failed = not reply.ok
+            if failed:
+                info = _error_decoder.decode(reply.body)
+                value = from_reply(info.code, info.message, env=label, server=self.url, request=reply.id)
+            else:
                 try:
                     value = decoder.decode(reply.body) if decoder is not None else None
                 except msgspec.MsgspecError as exc:
+                    failed = True
                     value = EnvError(f"cannot decode reply: {exc}", env=label, server=self.url, request=reply.id)
-            else:
-                info = _error_decoder.decode(reply.body)
-                value = from_reply(info.code, info.message, env=label, server=self.url, request=reply.id)
             if index < 0:
                 if not target.done():
-                    if isinstance(value, EnvError):
+                    if failed:
                         target.set_exception(value)
                     else:
                         target.set_result(value)

@@ -16,7 +16,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import msgspec
@@ -92,16 +92,16 @@ class Env:
     def server(self) -> str:
         return self._slot.url
 
-    async def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> StepResult[Any]:
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> Awaitable[StepResult[Any]]:
         """Start an episode; the same seed gives the same episode."""
-        return await self._slot.client.reset(self.sid, seed, options, label=self.index)
+        return self._slot.client.reset(self.sid, seed, options, label=self.index)
 
-    async def step(self, action: Any) -> StepResult[Any]:
-        """Apply one action; returns observation, reward, terminated, truncated, info."""
-        return await self._slot.client.step(self.sid, action, label=self.index)
+    def step(self, action: Any) -> Awaitable[StepResult[Any]]:
+        """Apply one action; gives observation, reward, terminated, truncated, info."""
+        return self._slot.client.step(self.sid, action, label=self.index)
 
-    async def state(self) -> Any:
-        return await self._slot.client.get_state(self.sid, label=self.index)
+    def state(self) -> Awaitable[Any]:
+        return self._slot.client.get_state(self.sid, label=self.index)
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until this env's server is usable (after a replacement)."""

@@ -33,11 +33,6 @@ async def test_kills_every_second_lose_and_duplicate_nothing() -> None:
     assert started_by_us <= before, f"envserver processes left running: {started_by_us - before}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a call issued after the server died, while the env was not in flight (an async "
-    "policy was thinking), gets PoolClosed from the closed old client, which pool.run does not retry",
-)
 async def test_async_policy_thinking_during_a_kill_loses_nothing() -> None:
     async with EnvPool(n=2, game="catch", servers=2) as pool:
         victim = pool.backend.pid(pool.servers[0])  # type: ignore[union-attr]
