@@ -12,6 +12,14 @@ no-new-privileges and pids/memory/CPU limits, and carries the labels
 
 The command is wrapped in ``timeout`` so a container also ends by itself
 after ``FleetConfig.lifetime`` seconds, even if nobody reaps it.
+
+Networking: by default each server is published on 127.0.0.1 and the
+container sits on Docker's default bridge, so code inside it can reach other
+hosts. With ``network="isolated"`` the containers join an internal bridge
+network (``envfleet-isolated``: no route out, no traffic between containers)
+and are reached at their bridge address, which only this host can route to;
+use it for environments that run untrusted code (the Python sandbox). It
+needs the host to reach container addresses directly (native Linux Docker).
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ LABEL_POOL = "envfleet.pool"
 LABEL_OWNER = "envfleet.owner"
 LABEL_USER = "envfleet.user"
 LABEL_EXPIRES = "envfleet.expires"
+ISOLATED_NETWORK = "envfleet-isolated"
 SERVER_PORT = 8000
 _PORT_KEY = f"{SERVER_PORT}/tcp"
 # Probes of a starting container back off from 20 ms to 250 ms: at K=64, fixed
@@ -105,8 +114,11 @@ async def _remove(docker: aiodocker.Docker, container_id: str) -> None:
 class DockerFleet(FleetBackend):
     """``config.servers`` envservers (default 2), one per hardened container of ``config.image``."""
 
-    def __init__(self, config: FleetConfig, *, pool_id: str | None = None) -> None:
+    def __init__(self, config: FleetConfig, *, pool_id: str | None = None, network: str = "published") -> None:
+        if network not in ("published", "isolated"):
+            raise FleetError(f"unknown network mode {network!r}; use 'published' or 'isolated'")
         self.config = config
+        self.network = network
         self.pool_id = pool_id or secrets.token_hex(6)
         #: Bearer token the servers require; random unless the config names one.
         self.token: str | None = config.token if config.token is not None else secrets.token_urlsafe(24)
@@ -140,6 +152,8 @@ class DockerFleet(FleetBackend):
             self._docker = await _connect()
             await reap(expired_only=True, docker=self._docker)
             await self._check_image()
+            if self.network == "isolated":
+                await _ensure_isolated_network(self._docker)
             self._http = aiohttp.ClientSession()
             self._creating = asyncio.Semaphore(max(1, self.config.max_creating))
             self._watch_events()
@@ -225,7 +239,7 @@ class DockerFleet(FleetBackend):
             "Cmd": ["timeout", "-k", str(_KILL_GRACE), str(lifetime), *command],
             "Env": env,
             "User": "65534:65534",
-            "ExposedPorts": {_PORT_KEY: {}},
+            "ExposedPorts": {_PORT_KEY: {}} if self.network == "published" else {},
             "Labels": {
                 LABEL_POOL: self.pool_id,
                 LABEL_OWNER: owner_id(),
@@ -233,7 +247,7 @@ class DockerFleet(FleetBackend):
                 LABEL_EXPIRES: str(int(time.time() + lifetime + _KILL_GRACE)),
             },
             "HostConfig": {
-                "PortBindings": {_PORT_KEY: [{"HostIp": "127.0.0.1", "HostPort": ""}]},
+                **self._network_config(),
                 "ReadonlyRootfs": True,
                 "Tmpfs": {"/tmp": "rw,nosuid,nodev,noexec,size=64m"},
                 "CapDrop": ["ALL"],
@@ -246,6 +260,23 @@ class DockerFleet(FleetBackend):
                 "LogConfig": {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
             },
         }
+
+    def _network_config(self) -> dict[str, Any]:
+        if self.network == "isolated":
+            return {"NetworkMode": ISOLATED_NETWORK}
+        return {"PortBindings": {_PORT_KEY: [{"HostIp": "127.0.0.1", "HostPort": ""}]}}
+
+    def _url_of(self, name: str, info: dict[str, Any]) -> str:
+        try:
+            if self.network == "isolated":
+                address = info["NetworkSettings"]["Networks"][ISOLATED_NETWORK]["IPAddress"]
+                if not address:
+                    raise KeyError(ISOLATED_NETWORK)
+                return f"http://{address}:{SERVER_PORT}"
+            port = info["NetworkSettings"]["Ports"][_PORT_KEY][0]["HostPort"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise FleetError(f"container {name} has no address (did it exit at once?)") from exc
+        return f"http://127.0.0.1:{port}"
 
     async def _start_one(self, deadline: float) -> str:
         """Create, start and health-check one container; remove it again if any step fails."""
@@ -262,11 +293,7 @@ class DockerFleet(FleetBackend):
                         info = await container.show()
                     except aiodocker.DockerError as exc:
                         raise FleetError(f"cannot start container {name}: {exc.message}") from exc
-                try:
-                    port = info["NetworkSettings"]["Ports"][_PORT_KEY][0]["HostPort"]
-                except (KeyError, IndexError, TypeError) as exc:
-                    raise FleetError(f"container {name} has no published port (did it exit at once?)") from exc
-                url = f"http://127.0.0.1:{port}"
+                url = self._url_of(name, info)
                 await self._wait_healthy(container, name, url, deadline)
         except TimeoutError as exc:
             if container is not None:
@@ -290,13 +317,13 @@ class DockerFleet(FleetBackend):
         assert self._http is not None
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         timeout = aiohttp.ClientTimeout(total=1.0)
-        port = int(url.rsplit(":", 1)[1])
+        host, port = url.removeprefix("http://").rsplit(":", 1)
         next_inspect = time.monotonic() + _INSPECT_INTERVAL
         interval = _PROBE_FIRST
         last_error = "no answer yet"
         while True:
             # A bare TCP connect is far cheaper than an HTTP request while nothing listens.
-            if await _port_open(port):
+            if await _port_open(host, int(port)):
                 try:
                     async with self._http.get(f"{url}/health", headers=headers, timeout=timeout) as resp:
                         if resp.status == 200:
@@ -368,16 +395,39 @@ class DockerFleet(FleetBackend):
             raise FleetError(f"{len(errors)} container(s) of pool {self.pool_id} not removed: {errors[0]}")
 
 
-async def _port_open(port: int) -> bool:
-    """Whether something accepts TCP connections on 127.0.0.1:``port``."""
+async def _port_open(host: str, port: int) -> bool:
+    """Whether something accepts TCP connections on ``host``:``port`` (an IPv4 address)."""
     loop = asyncio.get_running_loop()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setblocking(False)
         try:
-            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_connect(sock, (host, port))
         except OSError:
             return False
     return True
+
+
+async def _ensure_isolated_network(docker: aiodocker.Docker) -> None:
+    """Create the internal, no-inter-container-traffic network once; it is shared and kept."""
+    try:
+        await docker.networks.get(ISOLATED_NETWORK)
+        return
+    except aiodocker.DockerError as exc:
+        if exc.status != 404:
+            raise FleetError(f"cannot inspect network {ISOLATED_NETWORK}: {exc.message}") from exc
+    config = {
+        "Name": ISOLATED_NETWORK,
+        "Driver": "bridge",
+        "Internal": True,
+        "CheckDuplicate": True,
+        "Options": {"com.docker.network.bridge.enable_icc": "false"},
+        "Labels": {"envfleet.network": "isolated"},
+    }
+    try:
+        await docker.networks.create(config)
+    except aiodocker.DockerError as exc:
+        if exc.status != 409:  # 409: another pool created it meanwhile
+            raise FleetError(f"cannot create network {ISOLATED_NETWORK}: {exc.message}") from exc
 
 
 def _first_error(errors: list[BaseException], count: int) -> BaseException:
@@ -411,6 +461,9 @@ def _describe(raw: dict[str, Any], now: float, host: str) -> dict[str, Any]:
         if port.get("PrivatePort") == SERVER_PORT and port.get("PublicPort"):
             url = f"http://{port.get('IP') or '127.0.0.1'}:{port['PublicPort']}"
             break
+    isolated = ((raw.get("NetworkSettings") or {}).get("Networks") or {}).get(ISOLATED_NETWORK)
+    if url is None and isolated and isolated.get("IPAddress"):
+        url = f"http://{isolated['IPAddress']}:{SERVER_PORT}"
     return {
         "id": raw["Id"][:12],
         "name": (raw.get("Names") or ["?"])[0].lstrip("/"),
@@ -444,7 +497,7 @@ async def _list(docker: aiodocker.Docker, all_users: bool) -> list[dict[str, Any
     except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
         raise FleetError(f"cannot list envfleet containers: {exc}") from exc
     now, host, user = time.time(), socket.gethostname(), _user()
-    keys = ("Id", "Names", "Labels", "Image", "State", "Status", "Ports")
+    keys = ("Id", "Names", "Labels", "Image", "State", "Status", "Ports", "NetworkSettings")
     rows = [_describe({k: c[k] for k in keys if k in c}, now, host) for c in found]
     return [r for r in rows if all_users or r["user"] in (user, "")]
 

@@ -233,3 +233,36 @@ async def test_pool_plays_the_same_seeded_episodes_as_local_and_survives_a_kill(
         assert await _play(pool, episodes=200, kill_after=1) == expected
         pool_id = pool.backend.pool_id
     await _assert_pool_gone(pool_id)
+
+
+async def _exit_code(container_id: str, code: str) -> int:
+    async with aiodocker.Docker() as docker:
+        run = await docker.containers.container(container_id).exec(["python", "-c", code])
+        async with run.start(detach=False) as stream:
+            while await stream.read_out() is not None:
+                pass
+        return int((await run.inspect())["ExitCode"])
+
+
+async def test_isolated_network_blocks_egress_and_neighbours(docker_daemon):
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(); s.settimeout(2)\n"
+        "sys.exit(1 if s.connect_ex(('{}', {})) == 0 else 0)\n"
+    )
+    async with DockerFleet(_config(), network="isolated") as fleet:
+        first, second = fleet.urls
+        assert not first.startswith("http://127.0.0.1")
+        async with aiohttp.ClientSession() as http:
+            headers = {"Authorization": f"Bearer {fleet.token}"}
+            async with http.get(f"{first}/health", headers=headers) as resp:
+                assert resp.status == 200
+        rows = {r["url"]: r for r in await list_containers() if r["pool"] == fleet.pool_id}
+        assert set(rows) == {first, second}
+        neighbour = second.removeprefix("http://").split(":")[0]
+        source = rows[first]["id"]
+        assert await _exit_code(source, probe.format(neighbour, 8000)) == 0, "reached a neighbour container"
+        assert await _exit_code(source, probe.format("1.1.1.1", 80)) == 0, "reached an outside host"
+        info = (await _labelled(f"{LABEL_POOL}={fleet.pool_id}"))[0]
+        assert info["HostConfig"]["PortBindings"] in (None, {})
+    await _assert_pool_gone(fleet.pool_id)
