@@ -133,6 +133,7 @@ class DockerFleet(FleetBackend):
         self._exit_codes: dict[str, int] = {}  # container id -> exit code, from "die" events
         self._removing: set[str] = set()  # container ids removed on purpose
         self._dead: asyncio.Queue[str] = asyncio.Queue()
+        self._creates: set[asyncio.Future[Any]] = set()  # create calls the daemon may still be running
 
     # -- FleetBackend ---------------------------------------------------------
 
@@ -193,6 +194,8 @@ class DockerFleet(FleetBackend):
             self._removing.update(self._ids.values())
             self._ids.clear()
             self._names.clear()
+            if self._creates:  # interrupted creations: let them land, then sweep them too
+                await asyncio.wait(self._creates, timeout=_DAEMON_GRACE)
             await self._remove_pool(docker)
         finally:
             if self._watcher is not None:
@@ -278,6 +281,14 @@ class DockerFleet(FleetBackend):
             raise FleetError(f"container {name} has no address (did it exit at once?)") from exc
         return f"http://127.0.0.1:{port}"
 
+    async def _create(self, name: str) -> aiodocker.containers.DockerContainer:
+        """Create a container; if cancelled, the call still completes, for stop() to sweep it up."""
+        assert self._docker is not None
+        call = asyncio.ensure_future(self._docker.containers.create(self._container_config(), name=name))
+        self._creates.add(call)
+        call.add_done_callback(self._creates.discard)
+        return await asyncio.shield(call)
+
     async def _start_one(self, deadline: float) -> str:
         """Create, start and health-check one container; remove it again if any step fails."""
         assert self._docker is not None and self._creating is not None
@@ -288,7 +299,7 @@ class DockerFleet(FleetBackend):
             async with asyncio.timeout(max(0.0, deadline - time.monotonic()) + _DAEMON_GRACE):
                 async with self._creating:
                     try:
-                        container = await self._docker.containers.create(self._container_config(), name=name)
+                        container = await self._create(name)
                         await container.start()
                         info = await container.show()
                     except aiodocker.DockerError as exc:

@@ -266,3 +266,14 @@ async def test_isolated_network_blocks_egress_and_neighbours(docker_daemon):
         info = (await _labelled(f"{LABEL_POOL}={fleet.pool_id}"))[0]
         assert info["HostConfig"]["PortBindings"] in (None, {})
     await _assert_pool_gone(fleet.pool_id)
+
+
+@pytest.mark.parametrize("delay", [0.02, 0.3])
+async def test_cancelled_start_leaves_nothing(docker_daemon, delay):
+    fleet = DockerFleet(_config(servers=4))
+    start = asyncio.create_task(fleet.start())
+    await asyncio.sleep(delay)
+    start.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await start
+    await _assert_pool_gone(fleet.pool_id)
