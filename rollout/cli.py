@@ -23,10 +23,10 @@ def _fleet_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--game", default="catch", help="OpenSpiel game (default: catch)")
     parser.add_argument("--options", type=json.loads, default={}, help="JSON object of environment options")
     parser.add_argument("--n", type=int, default=256, help="concurrent env sessions (default: 256)")
-    parser.add_argument("--backend", default="local", choices=["local", "endpoints", "docker"], help="where servers run")
+    parser.add_argument("--backend", default="local", choices=["local", "endpoints", "docker", "swarm"], help="where servers run")
     parser.add_argument("--servers", type=int, help="number of servers (default: one per core)")
     parser.add_argument("--endpoint", action="append", default=[], help="server URL or dns://name:port (backend endpoints)")
-    parser.add_argument("--image", default="envfleet:latest", help="image of the docker backend")
+    parser.add_argument("--image", default="envfleet:latest", help="image of the docker and swarm backends")
     parser.add_argument("--max-sessions", type=int, help="session cap per server")
     parser.add_argument("--token", help="bearer token of the servers")
 

@@ -12,14 +12,14 @@ class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
     """Where and how the environment servers of one pool run."""
 
     backend: str = "local"
-    servers: int | None = None  # None: one per core (local), 2 (docker)
+    servers: int | None = None  # None: one per core (local), 2 (docker, swarm)
     env: str = "openspiel"
     env_options: dict[str, Any] = {}
     max_sessions: int | None = None  # per server; None: the server's default
-    token: str | None = None  # bearer token the servers require; None: none (local) / random (docker)
+    token: str | None = None  # bearer token the servers require; None: none (local) / random (docker, swarm)
     start_timeout: float = 120.0  # seconds until every server must answer /health
     endpoints: tuple[str, ...] = ()  # backend "endpoints": URLs, or one DNS name as "dns://name:port"
-    image: str = "envfleet:latest"  # backend "docker"
+    image: str = "envfleet:latest"  # backends "docker" and "swarm"
     memory: str = "512m"
     cpus: float = 1.0
     pids_limit: int = 256

@@ -6,7 +6,7 @@ from ..config import FleetConfig
 from ..errors import FleetError
 from .base import FleetBackend
 
-BACKENDS = ("local", "endpoints", "docker")
+BACKENDS = ("local", "endpoints", "docker", "swarm")
 
 
 def make_backend(config: FleetConfig) -> FleetBackend:
@@ -23,6 +23,10 @@ def make_backend(config: FleetConfig) -> FleetBackend:
         from .docker import DockerFleet
 
         return DockerFleet(config)
+    if config.backend == "swarm":
+        from .swarm import SwarmFleet
+
+        return SwarmFleet(config)
     raise FleetError(f"unknown backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
