@@ -114,10 +114,10 @@ class Progress:
         eta = _clock(left / rate) if rate > 0 else "?"
         share = self.done / self.total if self.total else 1.0
         if self.tty:
-            width = 24
+            width = 20
             fill = int(share * width)
             bar = "█" * fill + "░" * (width - fill)
-            return f"\r[{bar}] {self.done:,}/{self.total:,} {share:6.1%}  {rate:,.0f} episodes/s  ETA {eta}   "
+            return f"\r[{bar}] {self.done:,}/{self.total:,} {share:6.1%}  {rate:,.0f} episodes/s  ETA {eta}  "
         return f"eval: {self.done:,}/{self.total:,} episodes ({share:.1%}), {rate:,.0f} episodes/s, ETA {eta}\n"
 
     def draw(self) -> None:
