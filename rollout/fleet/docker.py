@@ -96,9 +96,11 @@ async def _connect() -> aiodocker.Docker:
         raise FleetError("no Docker daemon: no socket found and DOCKER_HOST is not set") from exc
     try:
         await docker.version()
-    except (aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+    except BaseException as exc:  # cancelled included: never leak the client's session
         await docker.close()
-        raise FleetError(f"the Docker daemon at {docker.docker_host} does not answer: {exc}") from exc
+        if isinstance(exc, (aiodocker.DockerError, aiohttp.ClientError, OSError)):
+            raise FleetError(f"the Docker daemon at {docker.docker_host} does not answer: {exc}") from exc
+        raise
     return docker
 
 
