@@ -35,7 +35,7 @@ class TokenAuth:
         )
         await send({"type": "http.response.body", "body": body})
 
-    def _allowed(self, scope: dict[str, Any]) -> bool:
+    def _allowed(self, scope: Scope) -> bool:
         given = b""
         for name, value in scope.get("headers", ()):
             if name == b"authorization" and value[:7].lower() == b"bearer ":

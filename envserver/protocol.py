@@ -116,7 +116,7 @@ class Tensor:
         if self._values is None:
             values = array(self._CODES[self.dtype])
             values.frombytes(self.data)
-            self._values = values.tolist()
+            self._values = [float(v) for v in values]
         return self._values
 
     def numpy(self) -> Any:

@@ -313,6 +313,7 @@ class EnvClient:
                 continue
             target, index, decoder, label, _ = entry
             failed = not reply.ok
+            value: Any
             if failed:
                 info = _error_decoder.decode(reply.body)
                 value = from_reply(info.code, info.message, env=label, server=self.url, request=reply.id)

@@ -14,6 +14,8 @@ class FleetBackend(abc.ABC):
     Use it as an async context manager to get ``stop()`` on every exit path.
     """
 
+    token: str | None = None  # the bearer token the servers require, if any
+
     @abc.abstractmethod
     async def start(self) -> list[str]:
         """Start the servers, wait until each answers ``/health``, return their URLs."""

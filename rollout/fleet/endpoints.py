@@ -26,7 +26,7 @@ async def resolve(name: str, port: int) -> list[str]:
         infos = await asyncio.wait_for(loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), 10.0)
     except (OSError, asyncio.TimeoutError) as exc:
         raise FleetError(f"cannot resolve {name!r}: {exc}") from exc
-    addresses = sorted({info[4][0] for info in infos})
+    addresses = sorted({str(info[4][0]) for info in infos})
     return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import aiohttp
 
@@ -14,7 +15,7 @@ async def wait_healthy(
     deadline: float,
     *,
     token: str | None = None,
-    alive: "asyncio.Future[object] | None" = None,
+    alive: asyncio.Future[Any] | None = None,
 ) -> None:
     """Poll ``url``/health until it answers 200; raise ``TimeoutError`` at ``deadline`` (monotonic).
 
