@@ -89,7 +89,43 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--plot", metavar="PNG", help="draw the return histogram and the running mean (needs matplotlib)")
     rep.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the summary as JSON to PATH (or stdout)")
     rep.set_defaults(handler=_report)
+
+    _fleet_parser(commands)
     return parser
+
+
+def _fleet_parser(commands: Any) -> None:
+    fleet = commands.add_parser("fleet", help="deploy and manage fleets of servers")
+    sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    k8s = sub.add_parser("k8s-manifest", help="print Kubernetes manifests of a fleet (Deployment, headless Service, ...)")
+    k8s.add_argument("--replicas", type=int, default=2, help="pods (default: 2)")
+    k8s.add_argument("--image", default="envfleet:latest", help="server image (default: envfleet:latest)")
+    k8s.add_argument("--token", help="bearer token to put in the Secret (default: a placeholder to replace)")
+    k8s.add_argument("--name", default="envfleet", help="name of the Deployment and Service (default: envfleet)")
+    k8s.add_argument("--env", default="openspiel", help="environment name (default: openspiel)")
+    k8s.add_argument("--game", default="catch", help="OpenSpiel game (default: catch)")
+    k8s.add_argument("--options", type=json.loads, default={}, help="JSON object of environment options")
+    k8s.add_argument("--max-sessions", type=int, help="session cap per server")
+    k8s.add_argument("--out", metavar="DIR", help="write one file per manifest and a kustomization.yaml into DIR")
+    k8s.set_defaults(handler=_k8s_manifest)
+
+
+async def _k8s_manifest(args: argparse.Namespace) -> int:
+    from .k8s import K8sOptions, manifests, render, write
+
+    options = dict(args.options)
+    if args.env == "openspiel":
+        options.setdefault("game", args.game)
+    opts = K8sOptions(
+        name=args.name, replicas=args.replicas, image=args.image, token=args.token,
+        env=args.env, env_options=options, max_sessions=args.max_sessions,
+    )
+    if args.out:
+        for path in write(args.out, opts):
+            print(f"rollout: wrote {path}", file=sys.stderr)
+    else:
+        sys.stdout.write(render(manifests(opts)))
+    return EXIT_OK
 
 
 def _emit_summary(summary: Any, json_path: str | None) -> None:
