@@ -1,4 +1,4 @@
-"""Soak in CI: 15 s of steady load at n=256; memory, file descriptors and tasks stay flat.
+"""Soak in CI: 12 s of steady load at n=256; memory, file descriptors and tasks stay flat.
 
 The full run (30 minutes for the record) is ``loadtests/soak.py``.
 """
@@ -12,7 +12,7 @@ from loadtests.soak import run_soak
 
 @pytest.mark.slow
 async def test_steady_load_leaks_nothing() -> None:
-    report = await run_soak(seconds=15.0, warmup=5.0, n=256, servers=2, sample_every=1.0)
+    report = await run_soak(seconds=12.0, warmup=4.0, n=256, servers=2, sample_every=1.0)
     assert report.failures == []
     assert report.episodes > 0 and report.replacements == 0
     assert report.client_rss_mb_end <= report.client_rss_mb_start * 1.10
