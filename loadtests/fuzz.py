@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import subprocess
@@ -95,7 +96,7 @@ def junk(rng: random.Random, depth: int = 0) -> Any:
 def to_json_able(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.hex()
-    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+    if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if isinstance(value, list):
         return [to_json_able(v) for v in value]
@@ -306,7 +307,7 @@ async def mux_lane(http: aiohttp.ClientSession, url: str, count: int, rng: rando
         while True:
             try:
                 message = await ws.receive(timeout=REPLY_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 tally.hung += 1
                 tally.bad("mux hung", frame)
                 await ws.close()
@@ -360,7 +361,7 @@ async def ws_lane(http: aiohttp.ClientSession, url: str, count: int, rng: random
         while True:
             try:
                 message = await ws.receive(timeout=REPLY_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 tally.hung += 1
                 tally.bad("ws hung", frame)
                 await ws.close()
@@ -396,7 +397,7 @@ async def http_lane(http: aiohttp.ClientSession, url: str, count: int, rng: rand
                                     timeout=aiohttp.ClientTimeout(total=REPLY_TIMEOUT)) as resp:
                 status = resp.status
                 text = await resp.read()
-        except asyncio.TimeoutError:
+        except TimeoutError:
             tally.hung += 1
             tally.bad("http hung", (method, path, body))
             continue
@@ -468,7 +469,7 @@ async def serving(http: aiohttp.ClientSession, url: str) -> bool:
                     await ws.send_bytes(ENCODE([["step", rid, 1, 1]]))
                     rid += 1
             return terminated
-    except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError):
+    except (TimeoutError, aiohttp.ClientError, ConnectionError):
         return False
 
 

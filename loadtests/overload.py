@@ -22,7 +22,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import msgspec
 
@@ -150,7 +149,7 @@ async def run_overload(
             burst_start = time.perf_counter()
             try:
                 await asyncio.wait_for(asyncio.gather(*(open_one(c, sid, burst_start) for c, sid in rest)), HANG_LIMIT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 failures.append(f"the burst of {len(rest)} opens did not resolve within {HANG_LIMIT:g} s")
             burst_seconds = time.perf_counter() - burst_start
             during = stepper.take()

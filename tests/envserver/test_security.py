@@ -85,9 +85,8 @@ async def test_local_pool_token_stays_out_of_logs_and_command_lines(caplog: pyte
         pid = backend.pid(pool.servers[0])  # type: ignore[attr-defined]
         assert TOKEN not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
         await pool.reset(seeds=[1, 2])
-        async with aiohttp.ClientSession() as http:
-            async with http.get(pool.servers[0] + "/health") as r:
-                assert r.status == 401
+        async with aiohttp.ClientSession() as http, http.get(pool.servers[0] + "/health") as r:
+            assert r.status == 401
         os.kill(pid, signal.SIGKILL)  # death and replacement are logged: without the token
         records = [r async for r in pool.run(lambda obs: obs.legal_actions[0], episodes=8, seed=3)]
         assert len(records) == 8

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import subprocess
 import sys
 import time
 
@@ -19,7 +18,14 @@ import aiohttp
 import pytest
 
 from rollout import EnvPool
-from rollout.fleet.docker import LABEL_EXPIRES, LABEL_OWNER, LABEL_POOL, DockerFleet, list_containers, reap
+from rollout.fleet.docker import (
+    LABEL_EXPIRES,
+    LABEL_OWNER,
+    LABEL_POOL,
+    DockerFleet,
+    list_containers,
+    reap,
+)
 from tests.rollout.test_docker_fleet import IMAGE, _config, _labelled, docker_daemon  # noqa: F401 - fixture reused
 
 pytestmark = pytest.mark.docker
@@ -92,21 +98,21 @@ async def test_pool_containers_are_hardened_and_need_the_random_token(docker_dae
 
 async def _killed_client() -> tuple[str, int]:
     """Run CLIENT until its pool serves, SIGKILL it; return its pool id and pid."""
-    client = subprocess.Popen([sys.executable, "-c", CLIENT, IMAGE], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pipe = asyncio.subprocess.PIPE
+    client = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENT, IMAGE, stdout=pipe, stderr=pipe)
+    assert client.stdout is not None and client.stderr is not None
     try:
-        line = await asyncio.wait_for(asyncio.to_thread(client.stdout.readline), 120)  # type: ignore[union-attr]
+        line = await asyncio.wait_for(client.stdout.readline(), 120)
         if not line.strip():
-            client.wait(10)
-            pytest.fail(f"the client did not start its pool: {client.stderr.read().decode()}")  # type: ignore[union-attr]
+            await client.wait()
+            pytest.fail(f"the client did not start its pool: {(await client.stderr.read()).decode()}")
         client.send_signal(signal.SIGKILL)
-        client.wait(10)
+        await client.wait()
         return line.decode().strip(), client.pid
     finally:
-        if client.poll() is None:
+        if client.returncode is None:
             client.kill()
-            client.wait()
-        client.stdout.close()  # type: ignore[union-attr]
-        client.stderr.close()  # type: ignore[union-attr]
+            await client.wait()
 
 
 async def _assert_orphaned(pool_id: str, pid: int) -> list[str]:
