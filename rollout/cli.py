@@ -27,6 +27,7 @@ def _fleet_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--servers", type=int, help="number of servers (default: one per core)")
     parser.add_argument("--endpoint", action="append", default=[], help="server URL or dns://name:port (backend endpoints)")
     parser.add_argument("--image", default="envfleet:latest", help="image of the docker and swarm backends")
+    parser.add_argument("--network", choices=["published", "isolated"], help="docker: isolated = no route out (default for python_sandbox)")
     parser.add_argument("--max-sessions", type=int, help="session cap per server")
     parser.add_argument("--token", help="bearer token of the servers")
 
@@ -54,6 +55,7 @@ def _pool_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "options": options,
         "endpoints": tuple(args.endpoint),
         "image": args.image,
+        "network": args.network,
         "token": args.token,
     }
     if args.max_sessions is not None:
@@ -91,12 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(handler=_report)
 
     _fleet_parser(commands)
+
+    image = commands.add_parser("image", help="build the envserver container image (offline: never pulls)")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    build = image_sub.add_parser("build", help="build the base image if missing, the wheelhouse, then the image")
+    build.add_argument("--base", help="base image (default: a Debian image built locally with debootstrap)")
+    build.add_argument("--tag", default="envfleet:latest", help="tag of the image (default: envfleet:latest)")
+    build.set_defaults(handler=_image_build)
     return parser
 
 
 def _fleet_parser(commands: Any) -> None:
     fleet = commands.add_parser("fleet", help="deploy and manage fleets of servers")
     sub = fleet.add_subparsers(dest="fleet_command", required=True)
+    ls = sub.add_parser("ls", help="list envfleet containers (yours; --all: every user's)")
+    ls.add_argument("--all", action="store_true", help="every user's containers")
+    ls.add_argument("--json", action="store_true", help="print JSON")
+    ls.set_defaults(handler=_fleet_ls)
+    reap = sub.add_parser("reap", help="remove expired and orphaned envfleet containers (--all: all of yours)")
+    reap.add_argument("--all", action="store_true", help="remove all of your envfleet containers, not only leftovers")
+    reap.set_defaults(handler=_fleet_reap)
     k8s = sub.add_parser("k8s-manifest", help="print Kubernetes manifests of a fleet (Deployment, headless Service, ...)")
     k8s.add_argument("--replicas", type=int, default=2, help="pods (default: 2)")
     k8s.add_argument("--image", default="envfleet:latest", help="server image (default: envfleet:latest)")
@@ -108,6 +124,34 @@ def _fleet_parser(commands: Any) -> None:
     k8s.add_argument("--max-sessions", type=int, help="session cap per server")
     k8s.add_argument("--out", metavar="DIR", help="write one file per manifest and a kustomization.yaml into DIR")
     k8s.set_defaults(handler=_k8s_manifest)
+
+
+async def _fleet_ls(args: argparse.Namespace) -> int:
+    from .fleet.docker import list_containers
+
+    rows = await list_containers(all_users=args.all)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(f"{'NAME':<28} {'POOL':<14} {'STATE':<9} {'EXPIRED':<8} {'ORPHANED':<9} URL")
+    for row in rows:
+        print(f"{row['name']:<28} {row['pool']:<14} {row['state']:<9} {str(row['expired']):<8} {str(row['orphaned']):<9} {row['url'] or '-'}")
+    return EXIT_OK
+
+
+async def _fleet_reap(args: argparse.Namespace) -> int:
+    from .fleet.docker import reap
+
+    removed = await reap(expired_only=not args.all)
+    print(f"removed {len(removed)} container(s){': ' + ', '.join(removed) if removed else ''}")
+    return EXIT_OK
+
+
+async def _image_build(args: argparse.Namespace) -> int:
+    from .image import build_image
+
+    await asyncio.to_thread(build_image, args.base, args.tag, lambda line: print(line, flush=True))
+    return EXIT_OK
 
 
 async def _k8s_manifest(args: argparse.Namespace) -> int:

@@ -25,6 +25,12 @@ class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
     pids_limit: int = 256
     lifetime: float = 6 * 3600.0  # hard lifetime of a container, seconds
     max_creating: int = 8  # container creations in flight at once
+    network: str | None = None  # docker: "published" (127.0.0.1 ports) or "isolated" (no route out); None: isolated for python_sandbox
+
+    def docker_network(self) -> str:
+        if self.network is not None:
+            return self.network
+        return "isolated" if self.env == "python_sandbox" else "published"
 
     def server_count(self) -> int:
         return self.servers if self.servers is not None else (os.cpu_count() or 1)

@@ -22,7 +22,7 @@ def make_backend(config: FleetConfig) -> FleetBackend:
     if config.backend == "docker":
         from .docker import DockerFleet
 
-        return DockerFleet(config)
+        return DockerFleet(config, network=config.docker_network())
     if config.backend == "swarm":
         from .swarm import SwarmFleet
 
