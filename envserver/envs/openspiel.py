@@ -8,17 +8,15 @@ so the same seed and the same actions replay the same trajectory.
 from __future__ import annotations
 
 import functools
-import math
 import os
+from array import array
 from typing import Any, Callable
 
 import msgspec
 import pyspiel
-from open_spiel.python.observation import make_observation
 
 from ..env import Environment
 from ..errors import ServerError
-from ..rng import SeededRandom
 from ..protocol import (
     ErrorCode,
     OpenSpielAction,
@@ -27,6 +25,7 @@ from ..protocol import (
     StepResult,
     Tensor,
 )
+from ..rng import SeededRandom
 
 Policy = Callable[[SeededRandom, list[int]], int]
 
@@ -58,17 +57,14 @@ class _Game:
         self.game = pyspiel.load_game(name, params)
         game_type = self.game.get_type()
         self.num_players = self.game.num_players()
-        # An Observation object writes the tensor into one numpy buffer: no per-step lists.
-        self.observer: Any = None
         self.tensor_shape: tuple[int, ...] = ()
+        self.tensor: Callable[[Any, int], bytes] | None = None  # the agent's tensor as float32 bytes
         if game_type.provides_information_state_tensor:
-            self.observer = make_observation(self.game, pyspiel.IIGObservationType(perfect_recall=True))
             self.tensor_shape = tuple(self.game.information_state_tensor_shape())
+            self.tensor = _tensor_bytes(self.game, pyspiel.IIGObservationType(perfect_recall=True), "information_state_tensor")
         elif game_type.provides_observation_tensor:
-            self.observer = make_observation(self.game)
             self.tensor_shape = tuple(self.game.observation_tensor_shape())
-        if self.observer is not None and math.prod(self.tensor_shape) != self.observer.tensor.size:
-            self.tensor_shape = (self.observer.tensor.size,)
+            self.tensor = _tensor_bytes(self.game, None, "observation_tensor")
         self.render: Callable[[Any, int], str]  # the agent's view as text
         if game_type.provides_observation_string:
             self.render = pyspiel.State.observation_string
@@ -76,6 +72,28 @@ class _Game:
             self.render = pyspiel.State.information_state_string
         else:
             self.render = lambda state, player: str(state)
+
+
+def _tensor_bytes(game: Any, observation_type: Any, method: str) -> Callable[[Any, int], bytes]:
+    """A function writing a state's tensor for a player as float32 bytes.
+
+    pyspiel's Observation object fills one reusable buffer (no list of floats per step,
+    and no numpy import); games without an observer fall back to the state's own method.
+    """
+    try:
+        observer = game.make_observer(observation_type, {}) if observation_type else game.make_observer({})
+        buffer = pyspiel._Observation(game, observer)
+    except (pyspiel.SpielError, RuntimeError, TypeError):
+        buffer = None
+    if buffer is not None and buffer.has_tensor():
+
+        def from_observer(state: Any, player: int) -> bytes:
+            buffer.set_from(state, player)
+            return memoryview(buffer).tobytes()
+
+        return from_observer
+    read = getattr(pyspiel.State, method)
+    return lambda state, player: array("f", read(state, player)).tobytes()
 
 
 @functools.lru_cache(maxsize=64)
@@ -236,9 +254,8 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         returns = state.returns()
         self._legal, self._return = legal, returns[agent]
         tensor = None
-        if game.observer is not None:
-            game.observer.set_from(state, agent)
-            tensor = Tensor(game.tensor_shape, data=game.observer.tensor.tobytes())
+        if game.tensor is not None:
+            tensor = Tensor(game.tensor_shape, data=game.tensor(state, agent))
         return OpenSpielObservation(
             legal_actions=legal,
             current_player_id=player,
