@@ -311,7 +311,7 @@ class EnvClient:
                     info = _error_decoder.decode(reply.body)
                     self._broken(f"server rejected a frame: {info.code}: {info.message}")
                 continue
-            target, index, decoder, label, _ = entry
+            decoder, label = entry[2], entry[3]
             failed = not reply.ok
             value: Any
             if failed:
@@ -323,17 +323,7 @@ class EnvClient:
                 except msgspec.MsgspecError as exc:
                     failed = True
                     value = EnvError(f"cannot decode reply: {exc}", env=label, server=self.url, request=reply.id)
-            if index < 0:
-                if not target.done():
-                    if failed:
-                        target.set_exception(value)
-                    else:
-                        target.set_result(value)
-            else:
-                target.results[index] = value
-                target.remaining -= 1
-                if target.remaining == 0 and not target.future.done():
-                    target.future.set_result(target.results)
+            _settle(entry, value, failed)
 
     async def _expire_forever(self) -> None:
         interval = min(1.0, self._request_timeout / 4)
@@ -368,12 +358,20 @@ class EnvClient:
 
     @staticmethod
     def _resolve_error(entry: _Entry, error: EnvError) -> None:
-        target, index = entry[0], entry[1]
-        if index < 0:
-            if not target.done():
-                target.set_exception(error)
-        else:
-            target.results[index] = error
-            target.remaining -= 1
-            if target.remaining == 0 and not target.future.done():
-                target.future.set_result(target.results)
+        _settle(entry, error, True)
+
+
+def _settle(entry: _Entry, value: Any, failed: bool) -> None:
+    """Deliver one reply (or error) to the single call or the batch slot waiting for it."""
+    target, index = entry[0], entry[1]
+    if index < 0:
+        if not target.done():
+            if failed:
+                target.set_exception(value)
+            else:
+                target.set_result(value)
+        return
+    target.results[index] = value  # a batch reports errors in place
+    target.remaining -= 1
+    if target.remaining == 0 and not target.future.done():
+        target.future.set_result(target.results)
