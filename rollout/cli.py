@@ -110,7 +110,7 @@ def _fleet_parser(commands: Any) -> None:
     ls.add_argument("--all", action="store_true", help="every user's containers")
     ls.add_argument("--json", action="store_true", help="print JSON")
     ls.set_defaults(handler=_fleet_ls)
-    reap = sub.add_parser("reap", help="remove expired and orphaned envfleet containers (--all: all of yours)")
+    reap = sub.add_parser("reap", help="remove expired and orphaned envfleet containers and swarm services (--all: all of yours)")
     reap.add_argument("--all", action="store_true", help="remove all of your envfleet containers, not only leftovers")
     reap.set_defaults(handler=_fleet_reap)
     k8s = sub.add_parser("k8s-manifest", help="print Kubernetes manifests of a fleet (Deployment, headless Service, ...)")
@@ -141,7 +141,11 @@ async def _fleet_ls(args: argparse.Namespace) -> int:
 
 async def _fleet_reap(args: argparse.Namespace) -> int:
     from .fleet.docker import reap
+    from .fleet.swarm import reap_services
 
+    services = await reap_services(expired_only=not args.all)  # first: the swarm would restart their containers
+    if services:
+        print(f"removed {len(services)} swarm service(s): {', '.join(services)}")
     removed = await reap(expired_only=not args.all)
     print(f"removed {len(removed)} container(s){': ' + ', '.join(removed) if removed else ''}")
     return EXIT_OK
