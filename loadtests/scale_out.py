@@ -35,9 +35,12 @@ from typing import Any
 
 import aiodocker
 import msgspec
+from fleet_startup import (  # loadtests/ is on sys.path when run as a script
+    cgroup_cpu,
+    cgroup_memory,
+)
 
 import rollout.pool as pool_module
-from fleet_startup import cgroup_cpu, cgroup_memory  # loadtests/ is on sys.path when run as a script
 from rollout.bench import measure
 from rollout.fleet import make_backend
 from rollout.fleet.docker import LABEL_POOL
@@ -123,7 +126,7 @@ async def run_backend(backend: str, args: argparse.Namespace) -> dict[str, Any]:
         if memory:
             print(f"[{backend}] memory per replica: median {row['memory_usage_mib_median']:.1f} MiB cgroup usage, "
                   f"{row['memory_rss_mib_median']:.1f} MiB RSS, max {row['memory_usage_mib_max']:.1f} MiB", flush=True)
-    except Exception as exc:  # recorded; the run goes on with the next backend
+    except Exception as exc:  # noqa: BLE001 - recorded; the run goes on with the next backend
         row["error"] = f"{type(exc).__name__}: {exc}"
         print(f"[{backend}] failed: {row['error']}", flush=True)
     finally:

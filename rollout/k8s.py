@@ -21,10 +21,10 @@ import msgspec
 
 from .config import FleetConfig
 
-__all__ = ["K8sOptions", "manifests", "render", "files", "write"]
+__all__ = ["K8sOptions", "files", "manifests", "render", "write"]
 
 PORT = 8000
-PLACEHOLDER_TOKEN = "CHANGE-ME"  # noqa: S105 - a placeholder, replaced before deploying
+PLACEHOLDER_TOKEN = "CHANGE-ME"  # replaced before deploying
 _PROBE = (
     "import os, urllib.request as u; "
     f"u.urlopen(u.Request('http://127.0.0.1:{PORT}/health', "
