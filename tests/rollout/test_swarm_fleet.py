@@ -241,12 +241,12 @@ async def test_pool_plays_like_local_survives_a_kill_and_a_scale_down(swarm):
 
         assert await _records(pool, episodes=150, during=kill) == expected
         assert in_flight
-        done, _ = await asyncio.wait(in_flight, timeout=2.0)
+        done, _ = await asyncio.wait(in_flight, timeout=5.0)  # far below the 60 s request timeout
         assert len(done) == len(in_flight), "calls on the killed replica did not fail fast"
         assert all(isinstance(f.exception(), EnvCrashed) for f in in_flight)
         assert victim not in pool.servers, "the killed replica was not replaced"
         lost_at = [lost for old, lost, _ in pool.replacements_log if old == victim]
-        assert lost_at and lost_at[0] - killed_at < 2.0, "the dead replica was not noticed fast"
+        assert lost_at and lost_at[0] - killed_at < 5.0, "the dead replica was not noticed fast"
         assert len(set(pool.servers)) == 3
 
         # Scale 3 -> 1 under load: the pool moves its sessions to the survivor, nothing is lost.
