@@ -75,18 +75,19 @@ class _Slot:
         self.envs: list[Env] = []
         self.ready = asyncio.Event()
         self.ready.set()
-        self.replacements = 0
+        self.replacements = 0  # also the session generation: an episode started before a replacement is lost
 
 
 class Env:
     """One environment session of a pool; Gymnasium-shaped async calls."""
 
-    __slots__ = ("index", "sid", "_slot")
+    __slots__ = ("index", "sid", "_slot", "_generation")
 
     def __init__(self, index: int, sid: int, slot: _Slot) -> None:
         self.index = index
         self.sid = sid
         self._slot = slot
+        self._generation = 0  # the slot's replacement count when this env's episode began
 
     @property
     def server(self) -> str:
@@ -94,11 +95,21 @@ class Env:
 
     def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> Awaitable[StepResult[Any]]:
         """Start an episode; the same seed gives the same episode."""
+        self._generation = self._slot.replacements
         return self._slot.client.reset(self.sid, seed, options, label=self.index)
 
     def step(self, action: Any) -> Awaitable[StepResult[Any]]:
         """Apply one action; gives observation, reward, terminated, truncated, info."""
-        return self._slot.client.step(self.sid, action, label=self.index)
+        slot = self._slot
+        if slot.replacements != self._generation:  # the episode died with the old server
+            return self._lost_episode(slot)
+        return slot.client.step(self.sid, action, label=self.index)
+
+    def _lost_episode(self, slot: _Slot) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        message = f"the server was replaced during this episode (now {slot.url}); reset to start a new one"
+        future.set_exception(EnvCrashed(message, env=self.index, server=slot.url))
+        return future
 
     def state(self) -> Awaitable[Any]:
         return self._slot.client.get_state(self.sid, label=self.index)
@@ -181,7 +192,7 @@ class EnvPool:
                 env = Env(index, slot.client.new_sid(), slot)
                 slot.envs.append(env)
                 self.envs.append(env)
-            await asyncio.gather(*(self._open_sessions(slot) for slot in self._slots))
+            await asyncio.gather(*(self._open_sessions(slot.client, slot.envs) for slot in self._slots))
             self._watchers = [asyncio.create_task(self._watch(slot)) for slot in self._slots]
         except BaseException:
             await self.close()
@@ -215,9 +226,9 @@ class EnvPool:
         )
         return await client.connect()
 
-    async def _open_sessions(self, slot: _Slot) -> None:
+    async def _open_sessions(self, client: EnvClient, envs: list[Env]) -> None:
         options = self.fleet_config.env_options
-        await asyncio.gather(*(slot.client.open(env.sid, None, options, label=env.index) for env in slot.envs))
+        await asyncio.gather(*(client.open(env.sid, None, options, label=env.index) for env in envs))
 
     async def _watch(self, slot: _Slot) -> None:
         """Replace the slot's server whenever its connection dies."""
@@ -228,20 +239,23 @@ class EnvPool:
                 return
             lost_at = time.monotonic()
             slot.ready.clear()
+            slot.replacements += 1  # from now on, episodes begun on the old server fail their steps
             await slot.client.close()
             old = slot.url
             log.warning("server %s lost (%s); replacing it", self.backend.describe(old), slot.client.broken_reason)
             while self.state is PoolState.OPEN:
+                client = None
                 try:
-                    slot.url = await self.backend.replace(old)
-                    slot.client = await self._connect(slot.url)
-                    await self._open_sessions(slot)
+                    url = await self.backend.replace(old)
+                    client = await self._connect(url)
+                    await self._open_sessions(client, slot.envs)
+                    slot.url, slot.client = url, client  # swapped only once every session is open
                     break
                 except EnvError as exc:
                     log.warning("replacing %s failed: %s; retrying", old, exc)
-                    await slot.client.close()
+                    if client is not None:
+                        await client.close()
                     await asyncio.sleep(1.0)
-            slot.replacements += 1
             self.replacements_log.append((old, lost_at, time.monotonic()))
             slot.ready.set()
 
