@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
@@ -18,8 +19,16 @@ from .metrics import metrics_endpoint
 from .mux import mux_endpoint
 from .openapi import openapi_document
 from .openenv_ws import ws_endpoint
+from .protocol import ErrorCode
 from .server import EnvServer
 from .web.routes import web_routes
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (unknown route, wrong method) as coded JSON like every other error."""
+    assert isinstance(exc, HTTPException)
+    code = ErrorCode.NOT_FOUND if exc.status_code == 404 else ErrorCode.VALIDATION_ERROR
+    return http.json_response({"detail": exc.detail, "code": code.value}, status=exc.status_code, headers=dict(exc.headers) if exc.headers else None)
 
 
 def create_app(config: ServerConfig | None = None) -> Starlette:
@@ -55,7 +64,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     ]
     if config.web:
         routes += web_routes()
-    app = Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: _http_error})
     app.state.server = server
     if config.token:
         app.add_middleware(TokenAuth, token=config.token)

@@ -21,7 +21,6 @@ not in the library): the share of the run the event loop spent writing results.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import platform

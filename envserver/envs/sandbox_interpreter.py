@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from .sandbox_worker import BOOTSTRAP, HEADER, MAX_MESSAGE, Exec, ExecDone, Hello, Reply, RunTests, TestsDone, frame
+from .sandbox_worker import BOOTSTRAP, HEADER, MAX_MESSAGE, Exec, ExecDone, Hello, Reply, RunTests, frame
 
 log = logging.getLogger("envserver.sandbox")
 

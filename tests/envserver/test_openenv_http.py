@@ -183,3 +183,10 @@ def test_openenv_validate_passes(catch_server) -> None:
     result = subprocess.run([*openenv_cli(), "validate", "--url", server.url, "--json"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert '"passed": true' in result.stdout
+
+
+async def test_unknown_route_and_wrong_method_are_coded_json(catch_server, http) -> None:
+    assert await get(http, catch_server.url + "/no/such/route") == (404, {"detail": "Not Found", "code": "NOT_FOUND"})
+    async with http.get(catch_server.url + "/reset") as response:
+        assert response.status == 405 and response.headers["allow"] == "POST"
+        assert await response.json() == {"detail": "Method Not Allowed", "code": "VALIDATION_ERROR"}
