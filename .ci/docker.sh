@@ -44,6 +44,18 @@ envfleet_docker_setup() (
     # --userland-proxy=false: published ports via iptables, no docker-proxy per port.
     # DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1: swarm tasks use local images, never pull.
     $sudo mkdir -p /var/log
+    # A daemon killed hard (as at the end of a session) leaves pid files behind that make
+    # the next dockerd refuse to start; remove them when their process is gone.
+    local pidfile pid
+    for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+      if [[ -f $pidfile ]]; then
+        pid=$(cat "$pidfile" 2>/dev/null || true)
+        if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then
+          say "removing stale $pidfile"
+          $sudo rm -f "$pidfile"
+        fi
+      fi
+    done
     $sudo env DOCKER_SERVICE_PREFER_OFFLINE_IMAGE=1 setsid nohup /usr/sbin/dockerd \
       --userland-proxy=false >/var/log/dockerd.log 2>&1 </dev/null &
     echo $! | $sudo tee /run/envfleet-dockerd.pid >/dev/null
