@@ -50,7 +50,8 @@ envfleet_docker_setup() (
     for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
       if [[ -f $pidfile ]]; then
         pid=$(cat "$pidfile" 2>/dev/null || true)
-        if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then
+        # gone, or a zombie nobody has reaped yet (state Z in /proc/PID/stat)
+        if [[ -z $pid || ! -r /proc/$pid/stat ]] || [[ $(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f1) == Z ]]; then
           say "removing stale $pidfile"
           $sudo rm -f "$pidfile"
         fi
