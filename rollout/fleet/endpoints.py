@@ -24,7 +24,7 @@ async def resolve(name: str, port: int) -> list[str]:
     loop = asyncio.get_running_loop()
     try:
         infos = await asyncio.wait_for(loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), 10.0)
-    except (OSError, asyncio.TimeoutError) as exc:
+    except (OSError, UnicodeError, asyncio.TimeoutError) as exc:  # UnicodeError: not a valid host name
         raise FleetError(f"cannot resolve {name!r}: {exc}") from exc
     addresses = sorted({str(info[4][0]) for info in infos})
     return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addresses]
