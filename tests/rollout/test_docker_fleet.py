@@ -23,27 +23,20 @@ import pytest
 
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
-from rollout.fleet.docker import LABEL_EXPIRES, LABEL_OWNER, LABEL_POOL, DockerFleet, list_containers, reap
+from rollout.fleet.docker import (
+    LABEL_EXPIRES,
+    LABEL_OWNER,
+    LABEL_POOL,
+    DockerFleet,
+    list_containers,
+    reap,
+)
+
+from .docker_support import IMAGE, IN_CI, docker_unavailable
 
 pytestmark = pytest.mark.docker
 
-IMAGE = os.environ.get("ENVFLEET_TEST_IMAGE", "envfleet:latest")
-IN_CI = os.environ.get("CI") == "true"
 OWNER = f"{os.getpid()}@{socket.gethostname()}"
-
-
-async def _probe() -> str | None:
-    """Why the Docker tests cannot run here, or None if they can."""
-    try:
-        async with aiodocker.Docker() as docker:
-            await docker.version()
-            try:
-                await docker.images.inspect(IMAGE)
-            except aiodocker.DockerError:
-                return f"image {IMAGE} is missing (build it with `rollout image build`)"
-    except (AssertionError, ValueError, aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-        return f"no Docker daemon reachable ({type(exc).__name__}: {exc})"
-    return None
 
 
 async def _labelled(label: str) -> list[dict]:
@@ -55,7 +48,7 @@ async def _labelled(label: str) -> list[dict]:
 @pytest.fixture(scope="session")
 def docker_daemon():
     """Skip (or, in CI, fail) when the daemon or the image is missing; at the end, check nothing is left."""
-    reason = asyncio.run(_probe())
+    reason = asyncio.run(docker_unavailable())
     if reason is not None:
         if IN_CI:
             pytest.fail(f"CI=true but the Docker tests cannot run: {reason}")

@@ -200,9 +200,9 @@ async def test_the_probe_command_works_in_the_image() -> None:
     """The exec probe of the Deployment passes with the pod's token and fails without it."""
     import aiodocker
 
-    from tests.rollout.test_swarm_fleet import IMAGE, _probe
+    from .docker_support import IMAGE, docker_unavailable
 
-    reason = await _probe()
+    reason = await docker_unavailable()
     if reason is not None:
         if IN_CI:
             pytest.fail(f"CI=true but the Docker tests cannot run: {reason}")

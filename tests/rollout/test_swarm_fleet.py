@@ -28,25 +28,11 @@ from rollout.errors import EnvCrashed, FleetError
 from rollout.fleet.docker import LABEL_EXPIRES, LABEL_OWNER, LABEL_POOL
 from rollout.fleet.swarm import SwarmFleet, reap_services
 
+from .docker_support import IMAGE, IN_CI, docker_unavailable
+
 pytestmark = pytest.mark.docker
 
-IMAGE = os.environ.get("ENVFLEET_TEST_IMAGE", "envfleet:latest")
-IN_CI = os.environ.get("CI") == "true"
 SWARM_NETWORKS = ("docker_gwbridge", "ingress")
-
-
-async def _probe() -> str | None:
-    """Why the swarm tests cannot run here, or None if they can."""
-    try:
-        async with aiodocker.Docker() as docker:
-            await docker.version()
-            try:
-                await docker.images.inspect(IMAGE)
-            except aiodocker.DockerError:
-                return f"image {IMAGE} is missing (build it with `rollout image build`)"
-    except (AssertionError, ValueError, aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
-        return f"no Docker daemon reachable ({type(exc).__name__}: {exc})"
-    return None
 
 
 async def _swarm_state() -> str:
@@ -93,7 +79,7 @@ async def _leave_swarm() -> list[str]:
 @pytest.fixture(scope="module")
 def swarm():
     """A single-node swarm on 127.0.0.1 for this module; nothing of it is left afterwards."""
-    reason = asyncio.run(_probe())
+    reason = asyncio.run(docker_unavailable())
     if reason is not None:
         if IN_CI:
             pytest.fail(f"CI=true but the swarm tests cannot run: {reason}")
@@ -131,7 +117,7 @@ async def _assert_gone(pool_id: str) -> None:
 
 
 async def test_not_a_swarm_manager_is_a_fleet_error():
-    reason = await _probe()
+    reason = await docker_unavailable()
     if reason is not None:
         if IN_CI:
             pytest.fail(f"CI=true but the swarm tests cannot run: {reason}")

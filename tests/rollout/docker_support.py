@@ -1,0 +1,25 @@
+"""What the Docker, swarm and image tests share: the image to use and why Docker can't be used here."""
+
+from __future__ import annotations
+
+import os
+
+import aiodocker
+import aiohttp
+
+IMAGE = os.environ.get("ENVFLEET_TEST_IMAGE", "envfleet:latest")
+IN_CI = os.environ.get("CI") == "true"  # in CI a missing daemon or image fails the tests instead of skipping them
+
+
+async def docker_unavailable() -> str | None:
+    """Why the Docker tests cannot run here, or None if they can."""
+    try:
+        async with aiodocker.Docker() as docker:
+            await docker.version()
+            try:
+                await docker.images.inspect(IMAGE)
+            except aiodocker.DockerError:
+                return f"image {IMAGE} is missing (build it with `rollout image build`)"
+    except (AssertionError, ValueError, aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
+        return f"no Docker daemon reachable ({type(exc).__name__}: {exc})"
+    return None
