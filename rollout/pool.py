@@ -23,7 +23,7 @@ import msgspec
 
 from envserver.protocol import StepResult
 
-from .client import EnvClient
+from .client import ClientState, EnvClient
 from .config import FleetConfig
 from .errors import EnvCrashed, EnvError, PoolClosed
 from .fleet import FleetBackend, make_backend
@@ -116,7 +116,10 @@ class Env:
 
     async def wait_ready(self, timeout: float) -> None:
         """Wait until this env's server is usable (after a replacement)."""
-        await asyncio.wait_for(self._slot.ready.wait(), timeout)
+        slot = self._slot
+        if slot.client.state is not ClientState.OPEN:
+            slot.ready.clear()  # dead, and the pool's watcher may not have run yet: it sets this again
+        await asyncio.wait_for(slot.ready.wait(), timeout)
 
     def __repr__(self) -> str:
         return f"Env(index={self.index}, server={self._slot.url!r})"
