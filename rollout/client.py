@@ -11,7 +11,7 @@ import asyncio
 import enum
 import itertools
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import aiohttp
@@ -193,28 +193,27 @@ class EnvClient:
         await self._call(Ping(next(self._ids), 0), _none_decoder, None)
         return time.perf_counter() - start
 
-    def batch(self, op: str, items: list[tuple[int, Any]], labels: list[Any] | None = None) -> asyncio.Future[list[Any]]:
-        """Send one request per ``(sid, argument)`` in one frame; the future gives results or exceptions in order.
+    def batch(self, op: str, sids: Sequence[int], args: Sequence[Any], labels: Sequence[Any] | None = None) -> asyncio.Future[list[Any]]:
+        """Send one request per session in one frame; the future gives results or exceptions in order.
 
-        ``op`` is "step" (argument: action), "reset" (argument: seed) or "state".
+        ``op`` is "step" (``args``: actions), "reset" (``args``: seeds) or "state" (``args`` ignored).
         """
         self._check_open()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Any]] = loop.create_future()
-        batch = _Batch(future, len(items))
-        if not items:
+        future: asyncio.Future[list[Any]] = self._loop.create_future()
+        batch = _Batch(future, len(sids))
+        if not sids:
             future.set_result([])
             return future
         deadline = time.monotonic() + self._request_timeout
         ids = self._ids
         if op == "step":
-            requests: list[MuxRequest] = [Step(next(ids), sid, arg) for sid, arg in items]
+            requests: list[MuxRequest] = [Step(next(ids), sid, arg) for sid, arg in zip(sids, args)]
             decoder = self._step_decoder
         elif op == "reset":
-            requests = [Reset(next(ids), sid, arg, None) for sid, arg in items]
+            requests = [Reset(next(ids), sid, arg, None) for sid, arg in zip(sids, args)]
             decoder = self._step_decoder
         elif op == "state":
-            requests = [GetState(next(ids), sid) for sid, _ in items]
+            requests = [GetState(next(ids), sid) for sid in sids]
             decoder = self._state_decoder
         else:
             raise ValueError(f"unknown batch op {op!r}")

@@ -155,6 +155,7 @@ class EnvPool:
         self._watchers: list[asyncio.Task[None]] = []
         self._owner: asyncio.Task[Any] | None = None
         self._sigterm_installed = False
+        self._plans: dict[tuple[int, ...], list[tuple[_Slot, list[int], list[int], list[int]]]] = {}
         #: One ``(old_url, lost_at, ready_at)`` per replaced server, ``time.monotonic()`` times.
         self.replacements_log: list[tuple[str, float, float]] = []
 
@@ -320,21 +321,12 @@ class EnvPool:
 
     async def _batch(self, op: str, ids: Sequence[int], args: Sequence[Any], return_exceptions: bool) -> list[Any]:
         self._check_open()
-        envs = self.envs
-        groups: dict[_Slot, tuple[list[int], list[tuple[int, Any]], list[int]]] = {}
-        for position, (index, arg) in enumerate(zip(ids, args)):
-            env = envs[index]
-            group = groups.get(env._slot)
-            if group is None:
-                group = groups[env._slot] = ([], [], [])
-            group[0].append(position)
-            group[1].append((env.sid, arg))
-            group[2].append(index)
         results: list[Any] = [None] * len(ids)
         pending = []
-        for slot, (positions, items, labels) in groups.items():
+        for slot, positions, sids, labels in self._plan(ids):
             try:
-                pending.append((positions, slot.client.batch(op, items, labels)))
+                future = slot.client.batch(op, sids, [args[p] for p in positions], labels)
+                pending.append((positions, future))
             except EnvError as exc:  # the server is down: every env on it fails now
                 for position in positions:
                     results[position] = exc
@@ -346,6 +338,24 @@ class EnvPool:
                 if isinstance(value, BaseException):
                     raise value
         return results
+
+    def _plan(self, ids: Sequence[int]) -> list[tuple[_Slot, list[int], list[int], list[int]]]:
+        """Which positions of ``ids`` go to which server, with their sids (cached: callers reuse id lists)."""
+        key = tuple(ids)
+        plan = self._plans.get(key)
+        if plan is None:
+            groups: dict[_Slot, tuple[list[int], list[int], list[int]]] = {}
+            for position, index in enumerate(key):
+                env = self.envs[index]
+                positions, sids, labels = groups.setdefault(env._slot, ([], [], []))
+                positions.append(position)
+                sids.append(env.sid)
+                labels.append(index)
+            plan = [(slot, *group) for slot, group in groups.items()]
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     # -- whole episodes
 
