@@ -33,7 +33,7 @@ import msgspec
 from openenv.core import GenericEnvClient
 
 from pool_throughput import CpuMeter, CpuUse, machine, measure_with_cpu, sizes  # same directory; this file is run as a script
-from rollout.bench import BenchResult, percentile
+from rollout.bench import BenchResult, StepCounter
 from rollout.pool import EnvPool
 
 HERE = Path(__file__).resolve().parent
@@ -121,12 +121,9 @@ class OpenEnvServers:
         self.logdir.rmdir()
 
 
-class _Counter:
+class _Counter(StepCounter):
     def __init__(self) -> None:
-        self.steps = 0
-        self.episodes = 0
-        self.errors = 0
-        self.latencies: list[float] = []
+        super().__init__()
         self.first_error = ""
 
 
@@ -172,21 +169,7 @@ async def measure_openenv(
         cpu = meter.stop(counter.steps)
     finally:
         await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
-    latencies = sorted(counter.latencies)
-    result = BenchResult(
-        mode="openenv",
-        n=n,
-        servers=len(urls),
-        seconds=round(elapsed, 3),
-        steps=counter.steps,
-        episodes=counter.episodes,
-        errors=counter.errors,
-        steps_per_s=round(counter.steps / elapsed, 1),
-        episodes_per_s=round(counter.episodes / elapsed, 1),
-        latency_p50_ms=round(percentile(latencies, 0.50) * 1e3, 3),
-        latency_p99_ms=round(percentile(latencies, 0.99) * 1e3, 3),
-    )
-    return result, cpu, counter.first_error
+    return counter.result("openenv", n, len(urls), elapsed), cpu, counter.first_error
 
 
 # -- (b) envfleet, and the comparison

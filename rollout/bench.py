@@ -58,15 +58,33 @@ def _pick(rng: random.Random) -> Callable[[Any], Any]:
     return pick
 
 
-class _Counter:
+class StepCounter:
+    """Running totals of one measured run; ``result`` turns them into a ``BenchResult``."""
+
     def __init__(self) -> None:
         self.steps = 0
         self.episodes = 0
         self.errors = 0
         self.latencies: list[float] = []
 
+    def result(self, mode: str, n: int, servers: int, elapsed: float) -> BenchResult:
+        latencies = sorted(self.latencies)
+        return BenchResult(
+            mode=mode,
+            n=n,
+            servers=servers,
+            seconds=round(elapsed, 3),
+            steps=self.steps,
+            episodes=self.episodes,
+            errors=self.errors,
+            steps_per_s=round(self.steps / elapsed, 1),
+            episodes_per_s=round(self.episodes / elapsed, 1),
+            latency_p50_ms=round(percentile(latencies, 0.50) * 1e3, 3),
+            latency_p99_ms=round(percentile(latencies, 0.99) * 1e3, 3),
+        )
 
-async def _per_env(pool: EnvPool, stop_at: float, counter: _Counter, seed: int) -> None:
+
+async def _per_env(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int) -> None:
     async def drive(index: int) -> None:
         env = pool.envs[index]
         pick = _pick(random.Random(seed + index))
@@ -85,7 +103,7 @@ async def _per_env(pool: EnvPool, stop_at: float, counter: _Counter, seed: int) 
     await asyncio.gather(*(drive(i) for i in range(pool.n)))
 
 
-async def _batched(pool: EnvPool, stop_at: float, counter: _Counter, seed: int, groups: int = 2) -> None:
+async def _batched(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int, groups: int = 2) -> None:
     """``groups`` interleaved batches, so one is on the wire while another is computed."""
 
     async def drive(ids: list[int]) -> None:
@@ -114,7 +132,7 @@ async def _batched(pool: EnvPool, stop_at: float, counter: _Counter, seed: int, 
 MODES = {"per-env": _per_env, "batched": _batched}
 
 
-async def _progress(label: str, counter: _Counter, started: float, seconds: float, stream: Any) -> None:
+async def _progress(label: str, counter: StepCounter, started: float, seconds: float, stream: Any) -> None:
     tty = stream.isatty()
     last = -10.0
     while True:
@@ -133,11 +151,11 @@ async def measure(
     pool: EnvPool, mode: str, seconds: float, *, warmup: float = 1.0, seed: int = 0, progress: Any = None, telemetry: Telemetry | None = None
 ) -> BenchResult:
     """Run ``mode`` for ``warmup`` then ``seconds`` seconds and return what was measured."""
-    warm = _Counter()
+    warm = StepCounter()
     if telemetry is not None:
         telemetry.watch(warm, f"{mode} warm-up")
     await MODES[mode](pool, time.perf_counter() + warmup, warm, seed)
-    counter = _Counter()
+    counter = StepCounter()
     if telemetry is not None:
         telemetry.watch(counter, mode)
     started = time.perf_counter()
@@ -149,21 +167,7 @@ async def measure(
             reporter.cancel()
             if progress.isatty():
                 progress.write("\n")
-    elapsed = time.perf_counter() - started
-    latencies = sorted(counter.latencies)
-    return BenchResult(
-        mode=mode,
-        n=pool.n,
-        servers=len(pool.servers),
-        seconds=round(elapsed, 3),
-        steps=counter.steps,
-        episodes=counter.episodes,
-        errors=counter.errors,
-        steps_per_s=round(counter.steps / elapsed, 1),
-        episodes_per_s=round(counter.episodes / elapsed, 1),
-        latency_p50_ms=round(percentile(latencies, 0.50) * 1e3, 3),
-        latency_p99_ms=round(percentile(latencies, 0.99) * 1e3, 3),
-    )
+    return counter.result(mode, pool.n, len(pool.servers), time.perf_counter() - started)
 
 
 def table(results: list[BenchResult]) -> str:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 
 class Counter(Protocol):
-    """Running totals of a command: bench's ``_Counter`` has this shape."""
+    """Running totals of a command: bench's ``StepCounter`` has this shape."""
 
     steps: int
     episodes: int
