@@ -7,6 +7,8 @@ per request) unless the request names a session in the ``X-Session-Id`` header; 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -93,61 +95,69 @@ async def schema(request: Request) -> Response:
     )
 
 
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _coded_errors(handler: Handler) -> Handler:
+    """Answer any exception of ``handler`` (an environment's included) as a coded JSON error."""
+
+    @functools.wraps(handler)
+    async def answer(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return error_response(coded(exc))
+
+    return answer
+
+
+@_coded_errors
 async def reset(request: Request) -> Response:
     server = _server(request)
+    body: HttpResetRequest = await read_json(request, HttpResetRequest)
+    key = request.headers.get(SESSION_HEADER)
+    if key is None:
+        return await _stateless(server, lambda s: _reset(server, s, body))
     try:
-        body: HttpResetRequest = await read_json(request, HttpResetRequest)
-        key = request.headers.get(SESSION_HEADER)
-        if key is None:
-            return await _stateless(server, lambda s: _reset(server, s, body))
-        try:
-            session = server.sessions.get(_http_key(key))
-        except ServerError:
-            session = server.open_session(_http_key(key))
-        return json_response(await _reset(server, session, body), headers={SESSION_HEADER: key})
-    except Exception as exc:
-        return error_response(coded(exc))
+        session = server.sessions.get(_http_key(key))
+    except ServerError:
+        session = server.open_session(_http_key(key))
+    return json_response(await _reset(server, session, body), headers={SESSION_HEADER: key})
 
 
+@_coded_errors
 async def step(request: Request) -> Response:
     server = _server(request)
-    try:
-        body: HttpStepRequest = await read_json(request, HttpStepRequest)
-        key = request.headers.get(SESSION_HEADER)
-        if key is None:
-            # OpenEnv's stateless step: a fresh environment; ours resets it first so the step is a real one.
-            async def fresh_step(session: Session) -> Any:
-                await server.reset(session, None, None)
-                return await _step(server, session, body)
+    body: HttpStepRequest = await read_json(request, HttpStepRequest)
+    key = request.headers.get(SESSION_HEADER)
+    if key is None:
+        # OpenEnv's stateless step: a fresh environment; ours resets it first so the step is a real one.
+        async def fresh_step(session: Session) -> Any:
+            await server.reset(session, None, None)
+            return await _step(server, session, body)
 
-            return await _stateless(server, fresh_step)
-        session = server.sessions.get(_http_key(key))
-        return json_response(await _step(server, session, body), headers={SESSION_HEADER: key})
-    except Exception as exc:
-        return error_response(coded(exc))
+        return await _stateless(server, fresh_step)
+    session = server.sessions.get(_http_key(key))
+    return json_response(await _step(server, session, body), headers={SESSION_HEADER: key})
 
 
+@_coded_errors
 async def state(request: Request) -> Response:
     server = _server(request)
-    try:
-        key = request.headers.get(SESSION_HEADER)
-        if key is None:
-            return await _stateless(server, server.state)
-        return json_response(await server.state(server.sessions.get(_http_key(key))))
-    except Exception as exc:
-        return error_response(coded(exc))
+    key = request.headers.get(SESSION_HEADER)
+    if key is None:
+        return await _stateless(server, server.state)
+    return json_response(await server.state(server.sessions.get(_http_key(key))))
 
 
+@_coded_errors
 async def close(request: Request) -> Response:
     """End the session named in the header (HTTP sessions otherwise expire by the idle TTL)."""
     server = _server(request)
     key = request.headers.get(SESSION_HEADER)
     if key is None:
-        return error_response(ServerError(ErrorCode.VALIDATION_ERROR, f"missing {SESSION_HEADER} header"))
-    try:
-        server.sessions.close(server.sessions.get(_http_key(key)))
-    except ServerError as exc:
-        return error_response(exc)
+        raise ServerError(ErrorCode.VALIDATION_ERROR, f"missing {SESSION_HEADER} header")
+    server.sessions.close(server.sessions.get(_http_key(key)))
     return json_response({"closed": key})
 
 
