@@ -19,6 +19,7 @@ from .errors import ServerError
 from .metrics import mux_latency
 from .protocol import (
     OPS,
+    Batch,
     Close,
     ErrorCode,
     ErrorInfo,
@@ -29,7 +30,9 @@ from .protocol import (
     Ping,
     Reply,
     Reset,
+    ResetMany,
     Step,
+    StepMany,
     msgpack_encoder,
     mux_request_decoder,
 )
@@ -130,13 +133,13 @@ class MuxConnection:
             if kind is Open:
                 self._open(request)  # type: ignore[arg-type]
                 return
+            if kind is StepMany or kind is ResetMany:
+                self._many(request)  # type: ignore[arg-type]
+                return
             if kind is Ping:
                 self._outbox.append(Reply(rid, True, None))
                 return
-            session = self.sessions.get(request.sid)
-            if session is None or session.closed:
-                session = self._session(request.sid)  # raises, saying why
-            session.last_used = self._now
+            session = self._live(request.sid)  # type: ignore[union-attr]
             env = session.env
             if env.blocking:
                 self._spawn(request, session)
@@ -148,10 +151,75 @@ class MuxConnection:
                 result = self._run_inline(request, session)
             self._outbox.append(Reply(rid, True, result))
         except Exception as exc:
-            error = coded(exc)
-            if error is not exc:
-                log.exception("environment failed on %s", kind.__name__)
-            self._error(rid, error.code, error.message)
+            self._outbox.append(Reply(rid, False, self._failure(exc)))
+
+    def _live(self, sid: int) -> Session:
+        """The open session ``sid``, marked used by this frame."""
+        session = self.sessions.get(sid)
+        if session is None:
+            raise ServerError(ErrorCode.UNKNOWN_SESSION, f"no session {sid} on this connection")
+        if session.closed:  # expired by the idle TTL
+            del self.sessions[sid]
+            raise ServerError(ErrorCode.UNKNOWN_SESSION, f"session {sid} expired after {self.server.config.idle_ttl:g} s idle")
+        session.last_used = self._now
+        return session
+
+    def _many(self, request: StepMany | ResetMany) -> None:
+        """Answer a many-request with one ``Batch``: cheap envs inline, blocking ones in one task."""
+        stepping = type(request) is StepMany
+        args = request.actions if stepping else request.seeds  # type: ignore[union-attr]
+        sids = request.sids
+        if len(args) != len(sids):
+            raise ServerError(ErrorCode.VALIDATION_ERROR, f"{len(sids)} sids but {len(args)} {'actions' if stepping else 'seeds'}")
+        stats = self.server.stats
+        if stepping:
+            stats.steps += len(sids)
+        else:
+            stats.resets += len(sids)
+        options = None if stepping else request.options  # type: ignore[union-attr]
+        results: list[Any] = []
+        failures: dict[int, ErrorInfo] = {}
+        deferred: list[tuple[int, Session]] = []
+        for index, sid in enumerate(sids):
+            try:
+                session = self._live(sid)
+                env = session.env
+                if env.blocking:
+                    deferred.append((index, session))
+                    results.append(None)
+                elif stepping:
+                    results.append(env.step(env.parse_action(args[index])))
+                else:
+                    results.append(env.reset(seed=args[index], options=options))
+            except Exception as exc:
+                results.append(None)
+                failures[index] = self._failure(exc)
+        if not deferred:
+            self._outbox.append(Reply(request.id, True, Batch(results, failures)))
+            return
+
+        async def finish() -> None:
+            calls = (
+                self.server.step(session, args[index]) if stepping else self.server.reset(session, args[index], options)
+                for index, session in deferred
+            )
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            for (index, _), outcome in zip(deferred, outcomes):
+                if isinstance(outcome, Exception):
+                    failures[index] = self._failure(outcome)
+                else:
+                    results[index] = outcome
+            self._outbox.append(Reply(request.id, True, Batch(results, failures)))
+            self._wakeup.set()
+
+        self._track(asyncio.create_task(finish()))
+
+    def _failure(self, exc: Exception) -> ErrorInfo:
+        error = coded(exc)
+        if error is not exc:
+            log.exception("environment failed", exc_info=exc)
+        self.server.stats.errors += 1
+        return ErrorInfo(error.code, error.message)
 
     def _run_inline(self, request: MuxRequest, session: Session) -> Any:
         env = session.env
@@ -186,12 +254,13 @@ class MuxConnection:
                 result = await self._run_blocking(request, session)
                 self._outbox.append(Reply(request.id, True, result))
             except Exception as exc:
-                error = coded(exc)
-                self._error(request.id, error.code, error.message)
+                self._outbox.append(Reply(request.id, False, self._failure(exc)))
             self._wakeup.set()
 
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
+        self._track(asyncio.create_task(run()))
+
+    def _track(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)  # cancelled when the connection ends
         task.add_done_callback(self._tasks.discard)
 
     def _open(self, request: Open) -> None:
@@ -205,16 +274,6 @@ class MuxConnection:
         session = self.server.open_session(f"{self._prefix}{request.sid}", request.env, request.options)
         self.sessions[request.sid] = session
         self._outbox.append(Reply(request.id, True, OpenResult(request.sid, session.env.name)))
-
-    def _session(self, sid: int) -> Session:
-        session = self.sessions.get(sid)
-        if session is None:
-            raise ServerError(ErrorCode.UNKNOWN_SESSION, f"no session {sid} on this connection")
-        if session.closed:  # expired by the idle TTL
-            del self.sessions[sid]
-            raise ServerError(ErrorCode.UNKNOWN_SESSION, f"session {sid} expired after {self.server.config.idle_ttl:g} s idle")
-        session.last_used = time.monotonic()
-        return session
 
     def _close(self, sid: int, session: Session) -> None:
         self.sessions.pop(sid, None)

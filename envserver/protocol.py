@@ -8,7 +8,8 @@ Two surfaces share these types:
 * OpenEnv-compatible JSON (HTTP routes and ``WS /ws``): ``WsMessage`` frames
   ``{"type": ..., "data": {...}}``; tensors are plain lists of floats.
 * The fast mux (``WS /v1/mux``): one binary msgpack frame is a list of requests,
-  each a tagged array ``[op, id, sid, ...]``; the reply frame is a list of
+  each a tagged array ``[op, id, sid, ...]``, or ``[op, id, sids, ...]`` for the
+  many-session ops ``steps`` and ``resets``; the reply frame is a list of
   ``[id, ok, result | error]``. Tensors travel as packed bytes (msgpack ext 1).
 """
 
@@ -282,8 +283,11 @@ STATE_TYPES: dict[str, type] = {"openspiel": OpenSpielState, "echo": EchoState, 
 # --------------------------------------------------------------------------- mux: WS /v1/mux
 
 
-class _MuxRequest(msgspec.Struct, array_like=True, tag_field="op", forbid_unknown_fields=True, gc=False):
+class _Request(msgspec.Struct, array_like=True, tag_field="op", forbid_unknown_fields=True, gc=False):
     id: int
+
+
+class _MuxRequest(_Request):
     sid: int
 
 
@@ -315,8 +319,32 @@ class Ping(_MuxRequest, tag="ping"):
     pass
 
 
-MuxRequest = Open | Reset | Step | GetState | Close | Ping
-OPS = ("open", "reset", "step", "state", "close", "ping")
+class StepMany(_Request, tag="steps"):
+    """Step many sessions in one request: ``actions[i]`` for ``sids[i]``; the reply body is a ``Batch``."""
+
+    sids: list[int]
+    actions: list[Any]
+
+
+class ResetMany(_Request, tag="resets"):
+    """Reset many sessions in one request: ``seeds[i]`` for ``sids[i]``; the reply body is a ``Batch``."""
+
+    sids: list[int]
+    seeds: list[int | None]
+    options: dict[str, Any] | None = None
+
+
+MuxRequest = Open | Reset | Step | GetState | Close | Ping | StepMany | ResetMany
+OPS = ("open", "reset", "step", "state", "close", "ping", "steps", "resets")
+
+T = TypeVar("T")
+
+
+class Batch(msgspec.Struct, Generic[T], array_like=True, gc=False):
+    """The body of a ``StepMany``/``ResetMany`` reply: ``results[i]`` for ``sids[i]``, None where it failed."""
+
+    results: list[T | None]
+    failures: dict[int, ErrorInfo] = {}  # index in ``sids`` -> why it failed
 
 
 class Reply(msgspec.Struct, array_like=True, gc=False):

@@ -1,8 +1,11 @@
 """``EnvClient``: one server, one multiplexed WebSocket, automatic micro-batching.
 
 Every request issued while the writer is busy (or during the same event-loop tick)
-leaves in one binary frame; replies are routed back to their futures by request id.
-A dead or closed connection fails every call in flight at once with ``EnvCrashed``.
+leaves in one binary frame, and consecutive ``step`` (or ``reset``) calls on any of
+the connection's sessions join one ``steps`` (``resets``) request: the server answers
+them in one pass and the client decodes all their results in one call. Replies are
+routed back to their futures by request id. A dead or closed connection fails every
+call in flight at once with ``EnvCrashed``.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import asyncio
 import enum
 import itertools
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -20,6 +23,7 @@ import msgspec
 from envserver.protocol import (
     OBSERVATION_TYPES,
     STATE_TYPES,
+    Batch,
     Close,
     ErrorInfo,
     GetState,
@@ -27,8 +31,8 @@ from envserver.protocol import (
     Open,
     OpenResult,
     Ping,
-    Reset,
-    Step,
+    ResetMany,
+    StepMany,
     StepResult,
     msgpack_decoder,
     msgpack_encoder,
@@ -39,7 +43,6 @@ from .errors import EnvCrashed, EnvError, PoolClosed, RequestTimeout, from_reply
 
 _error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
 _open_decoder = msgpack_decoder(OpenResult)
-_none_decoder = None
 
 
 class ClientState(enum.Enum):
@@ -50,7 +53,7 @@ class ClientState(enum.Enum):
 
 
 class _Batch:
-    """Replies of several requests gathered into one future."""
+    """The result list of one batched call, filled by one or more replies."""
 
     __slots__ = ("future", "results", "remaining")
 
@@ -60,8 +63,80 @@ class _Batch:
         self.remaining = size
 
 
-# in-flight entry: (future or batch, index in batch or -1, decoder, env label, deadline)
-_Entry = tuple[Any, int, Any, Any, float]
+class _Pending:
+    """Who waits on one in-flight request, and how to read its reply.
+
+    ``target`` is a future (one call: ``labels`` is its env label), a list of futures
+    (per-env calls joined into one many-request) or a ``_Batch`` filled from ``offset``.
+    """
+
+    __slots__ = ("target", "labels", "decoder", "deadline", "offset")
+
+    def __init__(self, target: Any, labels: Any, decoder: Any, deadline: float, offset: int = 0) -> None:
+        self.target = target
+        self.labels = labels
+        self.decoder = decoder
+        self.deadline = deadline
+        self.offset = offset
+
+    def deliver(self, value: Any, error: Callable[[int, ErrorInfo], EnvError]) -> None:
+        """Hand a decoded reply to the waiters; ``error(i, info)`` builds the exception of failed slot i."""
+        target = self.target
+        if isinstance(target, asyncio.Future):
+            if not target.done():
+                target.set_result(value)
+            return
+        results, failures = value.results, value.failures
+        if type(target) is not list:
+            for index, info in failures.items():
+                results[index] = error(index, info)  # a batch reports errors in place
+            self._fill(results)
+            return
+        for index, future in enumerate(target):
+            if future.done():  # cancelled by its caller
+                continue
+            if failures and index in failures:
+                future.set_exception(error(index, failures[index]))
+            else:
+                future.set_result(results[index])
+
+    def fail(self, error: Callable[[Any], EnvError]) -> None:
+        """Fail every waiter with ``error(label)``."""
+        target = self.target
+        if isinstance(target, asyncio.Future):
+            if not target.done():
+                target.set_exception(error(self.labels))
+        elif type(target) is list:
+            for future, label in zip(target, self.labels):
+                if not future.done():
+                    future.set_exception(error(label))
+        else:
+            self._fill([error(label) for label in self.labels])
+
+    def _fill(self, values: list[Any]) -> None:
+        batch = self.target
+        batch.results[self.offset : self.offset + len(values)] = values
+        batch.remaining -= len(values)
+        if batch.remaining <= 0 and not batch.future.done():
+            batch.future.set_result(batch.results)
+
+    def split(self, half: int) -> tuple[_Pending, _Pending]:
+        """The waiters of the first ``half`` sessions and of the rest (for a request too big for one frame)."""
+        labels = self.labels
+        if type(self.target) is list:
+            target = self.target
+            return (
+                _Pending(target[:half], labels[:half], self.decoder, self.deadline),
+                _Pending(target[half:], labels[half:], self.decoder, self.deadline),
+            )
+        return (
+            _Pending(self.target, labels[:half], self.decoder, self.deadline, self.offset),
+            _Pending(self.target, labels[half:], self.decoder, self.deadline, self.offset + half),
+        )
+
+
+# The argument list of each many-request, by type.
+_ARGS = {StepMany: "actions", ResetMany: "seeds"}
 
 
 class EnvClient:
@@ -87,12 +162,13 @@ class EnvClient:
         self._heartbeat = heartbeat
         self._max_frame_bytes = max_frame_bytes
         obs_type = OBSERVATION_TYPES.get(env, Any)
-        self._step_decoder = msgpack_decoder(StepResult[obs_type])  # type: ignore[valid-type]
+        self._batch_decoder = msgpack_decoder(Batch[StepResult[obs_type]])  # type: ignore[valid-type]
         self._state_decoder = msgpack_decoder(STATE_TYPES.get(env, Any))
         self._ids = itertools.count(1)
         self._sids = itertools.count(1)
-        self._inflight: dict[int, _Entry] = {}
+        self._inflight: dict[int, _Pending] = {}
         self._outbox: list[MuxRequest] = []
+        self._joinable: StepMany | ResetMany | None = None  # the outbox's last request, if per-env calls may join it
         self._wakeup: asyncio.Event | None = None
         self._wake_pending = False
         self._loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by connect()
@@ -176,52 +252,41 @@ class EnvClient:
         return self._call(Open(next(self._ids), sid, env, options or {}), _open_decoder, label)
 
     def reset(self, sid: int, seed: int | None = None, options: dict[str, Any] | None = None, *, label: Any = None) -> Awaitable[StepResult[Any]]:
-        return self._call(Reset(next(self._ids), sid, seed, options), self._step_decoder, label)
+        return self._join(ResetMany, sid, seed, options, label)
 
     def step(self, sid: int, action: Any, *, label: Any = None) -> Awaitable[StepResult[Any]]:
-        return self._call(Step(next(self._ids), sid, action), self._step_decoder, label)
+        return self._join(StepMany, sid, action, None, label)
 
     def get_state(self, sid: int, *, label: Any = None) -> Awaitable[Any]:
         return self._call(GetState(next(self._ids), sid), self._state_decoder, label)
 
     def close_session(self, sid: int, *, label: Any = None) -> Awaitable[None]:
-        return self._call(Close(next(self._ids), sid), _none_decoder, label)
+        return self._call(Close(next(self._ids), sid), None, label)
 
     async def ping(self) -> float:
         """Round-trip time of one request, in seconds."""
         start = time.perf_counter()
-        await self._call(Ping(next(self._ids), 0), _none_decoder, None)
+        await self._call(Ping(next(self._ids), 0), None, None)
         return time.perf_counter() - start
 
     def batch(self, op: str, sids: Sequence[int], args: Sequence[Any], labels: Sequence[Any] | None = None) -> asyncio.Future[list[Any]]:
-        """Send one request per session in one frame; the future gives results or exceptions in order.
+        """Step (``args``: actions) or reset (``args``: seeds) many sessions in one request.
 
-        ``op`` is "step" (``args``: actions), "reset" (``args``: seeds) or "state" (``args`` ignored).
+        The future gives one result per session, in order, with an exception in place of each that failed.
         """
+        kind = {"step": StepMany, "reset": ResetMany}.get(op)
+        if kind is None:
+            raise ValueError(f"unknown batch op {op!r}; batch ops: step, reset")
         self._check_open()
         future: asyncio.Future[list[Any]] = self._loop.create_future()
-        batch = _Batch(future, len(sids))
         if not sids:
             future.set_result([])
             return future
+        request = kind(next(self._ids), list(sids), list(args))
+        target = _Batch(future, len(request.sids))
         deadline = time.monotonic() + self._request_timeout
-        ids = self._ids
-        if op == "step":
-            requests: list[MuxRequest] = [Step(next(ids), sid, arg) for sid, arg in zip(sids, args)]
-            decoder = self._step_decoder
-        elif op == "reset":
-            requests = [Reset(next(ids), sid, arg, None) for sid, arg in zip(sids, args)]
-            decoder = self._step_decoder
-        elif op == "state":
-            requests = [GetState(next(ids), sid) for sid in sids]
-            decoder = self._state_decoder
-        else:
-            raise ValueError(f"unknown batch op {op!r}")
-        inflight = self._inflight
-        for index, request in enumerate(requests):
-            inflight[request.id] = (batch, index, decoder, labels[index] if labels else request.sid, deadline)
-        self._outbox.extend(requests)
-        self._wake()
+        self._inflight[request.id] = _Pending(target, list(labels) if labels else request.sids, self._batch_decoder, deadline)
+        self._send(request)
         return future
 
     # -- machinery
@@ -232,32 +297,53 @@ class EnvClient:
                 raise EnvCrashed(f"connection lost: {self.broken_reason}", server=self.url)
             raise PoolClosed(f"client is {self.state.value}", server=self.url)
 
+    def _refused(self, future: asyncio.Future[Any], label: Any) -> asyncio.Future[Any]:
+        try:
+            self._check_open()
+        except EnvError as exc:
+            exc.env = label
+            future.set_exception(exc)
+        return future
+
     def _call(self, request: MuxRequest, decoder: Any, label: Any) -> asyncio.Future[Any]:
+        """Send one request on its own; its reply body is decoded with ``decoder``."""
         future: asyncio.Future[Any] = self._loop.create_future()
+        if label is None:
+            label = getattr(request, "sid", None)
         if self.state is not ClientState.OPEN:
-            try:
-                self._check_open()
-            except EnvError as exc:
-                exc.request, exc.env = request.id, label if label is not None else request.sid
-                future.set_exception(exc)
-                return future
-        self._inflight[request.id] = (
-            future,
-            -1,
-            decoder,
-            label if label is not None else request.sid,
-            time.monotonic() + self._request_timeout,
-        )
+            return self._refused(future, label)
+        self._inflight[request.id] = _Pending(future, label, decoder, time.monotonic() + self._request_timeout)
+        self._send(request)
+        return future
+
+    def _join(self, kind: type[StepMany | ResetMany], sid: int, arg: Any, options: dict[str, Any] | None, label: Any) -> asyncio.Future[Any]:
+        """Add one session's step or reset to the many-request being gathered (or start one)."""
+        future: asyncio.Future[Any] = self._loop.create_future()
+        if label is None:
+            label = sid
+        if self.state is not ClientState.OPEN:
+            return self._refused(future, label)
+        request = self._joinable
+        if request is None or type(request) is not kind or (kind is ResetMany and request.options is not options):  # type: ignore[union-attr]
+            request = kind(next(self._ids), [], [])
+            if kind is ResetMany:
+                request.options = options  # type: ignore[union-attr]
+            self._inflight[request.id] = _Pending([], [], self._batch_decoder, time.monotonic() + self._request_timeout)
+            self._send(request)
+            self._joinable = request
+        pending = self._inflight[request.id]
+        pending.target.append(future)
+        pending.labels.append(label)
+        request.sids.append(sid)
+        (request.actions if kind is StepMany else request.seeds).append(arg)  # type: ignore[union-attr]
+        return future
+
+    def _send(self, request: MuxRequest) -> None:
         self._outbox.append(request)
+        self._joinable = None  # keep each session's requests in order: nothing joins a request sent before this one
         if not self._wake_pending:
             self._wake_pending = True
             self._wakeup.set()  # type: ignore[union-attr]
-        return future
-
-    def _wake(self) -> None:
-        if not self._wake_pending and self._wakeup is not None:
-            self._wake_pending = True
-            self._wakeup.set()
 
     async def _write_forever(self) -> None:
         assert self._ws is not None and self._wakeup is not None
@@ -269,6 +355,7 @@ class EnvClient:
                 self._wake_pending = False
                 while self._outbox:
                     requests, self._outbox = self._outbox, []
+                    self._joinable = None
                     for frame in self._frames(requests):
                         self.frames_sent += 1
                         await ws.send_bytes(frame)
@@ -277,12 +364,31 @@ class EnvClient:
             self._broken(f"send failed: {exc!r}")
 
     def _frames(self, requests: list[MuxRequest]) -> list[bytes]:
-        """Encode ``requests``, halving the batch until every frame fits the server's limit."""
+        """Encode ``requests``, halving the batch (or a many-request) until every frame fits the server's limit."""
         frame = msgpack_encoder.encode(requests)
-        if len(frame) <= self._max_frame_bytes or len(requests) == 1:
+        if len(frame) <= self._max_frame_bytes:
             return [frame]
-        half = len(requests) // 2
-        return self._frames(requests[:half]) + self._frames(requests[half:])
+        if len(requests) > 1:
+            half = len(requests) // 2
+            return self._frames(requests[:half]) + self._frames(requests[half:])
+        request = requests[0]
+        if type(request) in _ARGS and len(request.sids) > 1:  # type: ignore[union-attr]
+            return self._frames(self._split(request))  # type: ignore[arg-type]
+        return [frame]  # one request over the limit: the server answers FRAME_TOO_LARGE
+
+    def _split(self, request: StepMany | ResetMany) -> list[MuxRequest]:
+        """Two requests, each for half of ``request``'s sessions, with the waiters split to match."""
+        pending = self._inflight.pop(request.id, None)
+        if pending is None:  # nobody waits any more (failed or expired meanwhile)
+            return []
+        field = _ARGS[type(request)]
+        args, half = getattr(request, field), len(request.sids) // 2
+        halves: list[MuxRequest] = []
+        for part, waiters in zip((slice(None, half), slice(half, None)), pending.split(half)):
+            piece = msgspec.structs.replace(request, id=next(self._ids), sids=request.sids[part], **{field: args[part]})
+            self._inflight[piece.id] = waiters
+            halves.append(piece)
+        return halves
 
     async def _read_forever(self) -> None:
         assert self._ws is not None
@@ -302,27 +408,27 @@ class EnvClient:
         self._broken(reason)
 
     def _dispatch(self, data: bytes) -> None:
-        inflight = self._inflight
+        inflight, url = self._inflight, self.url
         for reply in mux_reply_decoder.decode(data):
-            entry = inflight.pop(reply.id, None)
-            if entry is None:
-                if reply.id == 0 and not reply.ok:  # the server could not read a whole frame
+            rid = reply.id
+            pending = inflight.pop(rid, None)
+            if pending is None:
+                if rid == 0 and not reply.ok:  # the server could not read a whole frame
                     info = _error_decoder.decode(reply.body)
                     self._broken(f"server rejected a frame: {info.code}: {info.message}")
                 continue
-            decoder, label = entry[2], entry[3]
-            failed = not reply.ok
-            value: Any
-            if failed:
+            if not reply.ok:
                 info = _error_decoder.decode(reply.body)
-                value = from_reply(info.code, info.message, env=label, server=self.url, request=reply.id)
-            else:
-                try:
-                    value = decoder.decode(reply.body) if decoder is not None else None
-                except msgspec.MsgspecError as exc:
-                    failed = True
-                    value = EnvError(f"cannot decode reply: {exc}", env=label, server=self.url, request=reply.id)
-            _settle(entry, value, failed)
+                pending.fail(lambda label: from_reply(info.code, info.message, env=label, server=url, request=rid))
+                continue
+            try:
+                value = pending.decoder.decode(reply.body) if pending.decoder is not None else None
+            except msgspec.MsgspecError as exc:
+                problem = f"cannot decode reply: {exc}"
+                pending.fail(lambda label: EnvError(problem, env=label, server=url, request=rid))
+                continue
+            labels = pending.labels
+            pending.deliver(value, lambda i, info: from_reply(info.code, info.message, env=labels[i], server=url, request=rid))
 
     async def _expire_forever(self) -> None:
         interval = min(1.0, self._request_timeout / 4)
@@ -330,13 +436,13 @@ class EnvClient:
             await asyncio.sleep(interval)
             now = time.monotonic()
             expired = []
-            for rid, entry in self._inflight.items():  # insertion order == deadline order
-                if entry[4] > now:
+            for rid, pending in self._inflight.items():  # insertion order == deadline order
+                if pending.deadline > now:
                     break
                 expired.append(rid)
             for rid in expired:
-                entry = self._inflight.pop(rid)
-                self._resolve_error(entry, RequestTimeout(f"no reply within {self._request_timeout:g} s", env=entry[3], server=self.url, request=rid))
+                message = f"no reply within {self._request_timeout:g} s"
+                self._inflight.pop(rid).fail(lambda label: RequestTimeout(message, env=label, server=self.url, request=rid))
 
     def _broken(self, reason: str) -> None:
         if self.state is ClientState.OPEN:
@@ -352,25 +458,6 @@ class EnvClient:
     def _fail_all(self, kind: type[EnvError], reason: str) -> None:
         inflight, self._inflight = self._inflight, {}
         self._outbox.clear()
-        for rid, entry in inflight.items():
-            self._resolve_error(entry, kind(reason, env=entry[3], server=self.url, request=rid))
-
-    @staticmethod
-    def _resolve_error(entry: _Entry, error: EnvError) -> None:
-        _settle(entry, error, True)
-
-
-def _settle(entry: _Entry, value: Any, failed: bool) -> None:
-    """Deliver one reply (or error) to the single call or the batch slot waiting for it."""
-    target, index = entry[0], entry[1]
-    if index < 0:
-        if not target.done():
-            if failed:
-                target.set_exception(value)
-            else:
-                target.set_result(value)
-        return
-    target.results[index] = value  # a batch reports errors in place
-    target.remaining -= 1
-    if target.remaining == 0 and not target.future.done():
-        target.future.set_result(target.results)
+        self._joinable = None
+        for rid, pending in inflight.items():
+            pending.fail(lambda label: kind(reason, env=label, server=self.url, request=rid))

@@ -317,7 +317,8 @@ class EnvPool:
 
     async def states(self, env_ids: Sequence[int] | None = None) -> list[Any]:
         ids = range(self.n) if env_ids is None else env_ids
-        return await self._batch("state", ids, [None] * len(ids), False)
+        self._check_open()
+        return list(await asyncio.gather(*(self.envs[i].state() for i in ids)))
 
     async def _batch(self, op: str, ids: Sequence[int], args: Sequence[Any], return_exceptions: bool) -> list[Any]:
         self._check_open()

@@ -252,10 +252,19 @@ class MuxClient:
         self._ids = 0
         self._decoder = protocol.msgpack_decoder(list[protocol.Reply])
 
-    def req(self, op: str, sid: int, *fields: Any) -> Any:
-        """A request struct with a fresh id: ``req("step", 3, 1)``."""
+    def req(self, op: str, sid: Any, *fields: Any) -> Any:
+        """A request struct with a fresh id: ``req("step", 3, 1)``, ``req("steps", [3, 4], [1, 0])``."""
         p = self._protocol
-        cls = {"open": p.Open, "reset": p.Reset, "step": p.Step, "state": p.GetState, "close": p.Close, "ping": p.Ping}[op]
+        cls = {
+            "open": p.Open,
+            "reset": p.Reset,
+            "step": p.Step,
+            "state": p.GetState,
+            "close": p.Close,
+            "ping": p.Ping,
+            "steps": p.StepMany,  # sid: the list of sids
+            "resets": p.ResetMany,
+        }[op]
         self._ids += 1
         return cls(self._ids, sid, *fields)
 

@@ -81,6 +81,47 @@ async def test_blocking_env_keeps_per_session_order(test_envs_server, mux_connec
     await mux.ping()
 
 
+async def test_many_sessions_step_and_reset_in_one_request(catch_server, mux_connect) -> None:
+    mux = await mux_connect(catch_server)
+    await mux.call(*[mux.req("open", s) for s in (1, 2, 3, 4)])
+    (batch,) = await mux.call(mux.req("resets", [1, 2, 3], [5, 6, 5]))
+    results, failures = batch.body
+    assert batch.ok and failures == {} and len(results) == 3
+    single = await mux.one("reset", 4, 5)
+    assert results[0] == results[2] == single  # the same seed, the same observation
+    # one illegal action and one unknown session fail alone; the rest of the request is answered
+    (batch,) = await mux.call(mux.req("steps", [1, 2, 99, 3], [0, 7, 1, 2]))
+    results, failures = batch.body
+    assert {i: f["code"] for i, f in failures.items()} == {1: ErrorCode.INVALID_ACTION, 2: ErrorCode.UNKNOWN_SESSION}
+    assert results[1] is None and results[2] is None
+    assert results[0]["observation"]["game_phase"] == results[3]["observation"]["game_phase"] == "playing"
+    states = await mux.call(*[mux.req("state", s) for s in (1, 2, 3)])
+    assert [r.body["step_count"] for r in states] == [1, 0, 1]  # the illegal action left session 2 unchanged
+
+
+async def test_many_request_with_mismatched_lists(catch_server, mux_connect) -> None:
+    mux = await mux_connect(catch_server)
+    await mux.one("open", 1)
+    replies = await mux.call(mux.req("steps", [1], [0, 1]), mux.req("resets", [1, 1], [None]))
+    assert [error_code(r) for r in replies] == [ErrorCode.VALIDATION_ERROR] * 2
+    assert "1 sids but 2 actions" in replies[0].body["message"]
+    await mux.ping()
+
+
+async def test_many_request_on_blocking_envs(test_envs_server, mux_connect) -> None:
+    """Sessions of a blocking env in one many-request run in threads; the reply holds every result in order."""
+    mux = await mux_connect(test_envs_server)
+    await mux.call(mux.req("open", 1, "slow_echo"), mux.req("open", 2, "slow_echo"))
+    (reset,) = await mux.call(mux.req("resets", [1, 2], [None, None]))
+    assert reset.ok and reset.body[1] == {}
+    (batch,) = await mux.call(mux.req("steps", [1, 2, 1, 7], [{"message": "a"}, {"message": "b"}, {"message": "c"}, {}]))
+    results, failures = batch.body
+    assert [r["observation"]["echoed_message"] for r in results[:3]] == ["a", "b", "c"]
+    assert results[3] is None and failures[3]["code"] == ErrorCode.UNKNOWN_SESSION
+    states = await mux.call(mux.req("state", 1), mux.req("state", 2))
+    assert [r.body["step_count"] for r in states] == [2, 1]
+
+
 async def test_unknown_op(catch_server, mux_connect) -> None:
     mux = await mux_connect(catch_server)
     await mux.send_raw(msgspec.msgpack.encode([["launch", 41, 1]]))

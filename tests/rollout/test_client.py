@@ -41,10 +41,36 @@ async def test_concurrent_calls_share_frames(local_fleet: LocalFleet) -> None:
         await asyncio.gather(*(client.open(s) for s in sids))
         await asyncio.gather(*(client.reset(s, seed=s) for s in sids))
         frames_before, requests_before = client.frames_sent, client.requests_sent
-        await asyncio.gather(*(client.step(s, 1) for s in sids))
+        results = await asyncio.gather(*(client.step(s, 1) for s in sids))
         frames = client.frames_sent - frames_before
-        assert client.requests_sent - requests_before == 200
-        assert frames <= 3, f"200 concurrent steps went out in {frames} frames"
+        requests = client.requests_sent - requests_before
+        assert frames <= 3 and requests <= 3, f"200 concurrent steps went out as {requests} requests in {frames} frames"
+        assert all(r.observation.game_phase == "playing" and r.observation.legal_actions == [0, 1, 2] for r in results)
+
+
+async def test_a_failed_call_in_a_joined_request_fails_alone(local_fleet: LocalFleet) -> None:
+    async with EnvClient(local_fleet.urls[0]) as client:
+        sids = [client.new_sid() for _ in range(3)]
+        await asyncio.gather(*(client.open(s) for s in sids))
+        await asyncio.gather(*(client.reset(s, seed=s) for s in sids))
+        results = await asyncio.gather(client.step(sids[0], 1), client.step(sids[1], 9), client.step(sids[2], 1), return_exceptions=True)
+        assert isinstance(results[1], InvalidAction) and results[1].env == sids[1] and results[1].server == client.url
+        assert all(isinstance(r, StepResult) for r in (results[0], results[2]))
+
+
+async def test_requests_over_the_frame_limit_are_split(local_fleet: LocalFleet) -> None:
+    """Steps joined into one request bigger than a frame go out split, and each answer reaches its caller."""
+    async with EnvClient(local_fleet.urls[0], env="echo", max_frame_bytes=64 * 1024) as client:
+        sids = [client.new_sid() for _ in range(20)]
+        await asyncio.gather(*(client.open(s, "echo") for s in sids))
+        await asyncio.gather(*(client.reset(s) for s in sids))
+        frames_before = client.frames_sent
+        messages = [f"{s:04d}" * 2500 for s in sids]  # 10 kB each, 200 kB in all
+        results = await asyncio.gather(*(client.step(s, {"message": m}) for s, m in zip(sids, messages)))
+        assert [r.observation.echoed_message for r in results] == messages
+        assert client.frames_sent - frames_before >= 4
+        batched = await client.batch("step", sids, [{"message": m} for m in messages])
+        assert [r.observation.echoed_message for r in batched] == messages
 
 
 async def test_requests_of_one_session_run_in_order(local_fleet: LocalFleet) -> None:
