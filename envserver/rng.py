@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from operator import itemgetter
 
 _MASK = 0xFFFFFFFFFFFFFFFF
+_PROBABILITY = itemgetter(1)
 
 
 class SeededRandom:
@@ -33,7 +35,7 @@ class SeededRandom:
 
     def weighted(self, outcomes: Sequence[tuple[int, float]]) -> int:
         """One action of ``outcomes`` ((action, probability) pairs) drawn by probability."""
-        target = self.random() * sum(p for _, p in outcomes)
+        target = self.random() * sum(map(_PROBABILITY, outcomes))  # the same float sum as a generator, faster
         for action, probability in outcomes:
             target -= probability
             if target < 0:

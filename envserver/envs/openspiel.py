@@ -8,6 +8,7 @@ so the same seed and the same actions replay the same trajectory.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from array import array
 from typing import Any, Callable
@@ -39,6 +40,9 @@ _SIMULTANEOUS = int(pyspiel.PlayerId.SIMULTANEOUS)
 _TERMINAL = int(pyspiel.PlayerId.TERMINAL)
 _CHANCE = int(pyspiel.PlayerId.CHANCE)
 
+# Episode ids: a random 64-bit start, counted up per reset (unique in the process, cheaper than urandom).
+_EPISODES = itertools.count(int.from_bytes(os.urandom(8), "little"))
+
 
 class GameConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """What a session plays; the server's ``--env-options`` give the defaults, reset options override."""
@@ -56,6 +60,10 @@ class _Game:
     def __init__(self, name: str, params: dict[str, Any]) -> None:
         self.game = pyspiel.load_game(name, params)
         game_type = self.game.get_type()
+        initial = self.game.new_initial_state()  # the same every episode, so its chance outcomes are too
+        self.initial_chance: tuple[tuple[int, float], ...] | None = None
+        if initial.current_player() == _CHANCE:
+            self.initial_chance = tuple(initial.chance_outcomes())
         self.num_players = self.game.num_players()
         self.tensor_shape: tuple[int, ...] = ()
         self.tensor: Callable[[Any, int], bytes] | None = None  # the agent's tensor as float32 bytes
@@ -86,10 +94,11 @@ def _tensor_bytes(game: Any, observation_type: Any, method: str) -> Callable[[An
     except (pyspiel.SpielError, RuntimeError, TypeError):
         buffer = None
     if buffer is not None and buffer.has_tensor():
+        view = memoryview(buffer)  # set_from rewrites the same memory, so one view serves every call
 
         def from_observer(state: Any, player: int) -> bytes:
             buffer.set_from(state, player)
-            return memoryview(buffer).tobytes()
+            return view.tobytes()
 
         return from_observer
     read = getattr(pyspiel.State, method)
@@ -130,13 +139,13 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
 
     def __init__(self, **options: Any) -> None:
         self._defaults = self._config(options, GameConfig())
-        load_game(self._defaults)
+        self._default_game = load_game(self._defaults)
         self._cfg = self._defaults
         self._game: _Game | None = None
         self._state: Any = None
         self._rng = SeededRandom()
         self._seed: int | None = None
-        self._episode_id: str | None = None
+        self._episode: int | None = None  # a number from _EPISODES, shown as the episode id
         self._steps = 0
         self._opponent_last: int | None = None
         self._legal: list[int] = []  # the agent's legal actions now
@@ -168,8 +177,11 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> StepResult[OpenSpielObservation]:
-        config = self._config(options, self._defaults) if options else self._defaults
-        game = load_game(config)
+        if options:
+            config = self._config(options, self._defaults)
+            game = load_game(config)
+        else:
+            config, game = self._defaults, self._default_game
         if not 0 <= config.agent_player < game.num_players:
             raise ServerError(
                 ErrorCode.VALIDATION_ERROR,
@@ -178,10 +190,12 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         self._cfg, self._game = config, game
         self._seed = seed
         self._rng = SeededRandom(seed)
-        self._episode_id = os.urandom(8).hex()
+        self._episode = next(_EPISODES)
         self._steps = 0
         self._opponent_last = None
         self._state = game.game.new_initial_state()
+        if game.initial_chance:  # what _advance would draw first, without asking pyspiel again
+            self._state.apply_action(self._rng.weighted(game.initial_chance))
         return StepResult(self._observation(self._advance(), "initial"))
 
     def step(self, action: OpenSpielAction) -> StepResult[OpenSpielObservation]:
@@ -207,7 +221,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
     def state(self) -> OpenSpielState:
         cfg = self._cfg
         return OpenSpielState(
-            episode_id=self._episode_id,
+            episode_id=None if self._episode is None else f"{self._episode & 0xFFFFFFFFFFFFFFFF:016x}",
             step_count=self._steps,
             game_name=cfg.game,
             game_params=dict(cfg.params),

@@ -9,8 +9,8 @@ from array import array
 import pyspiel
 import pytest
 
-from envserver.envs.openspiel import OPPONENTS
-from envserver.protocol import Tensor
+from envserver.envs.openspiel import OPPONENTS, OpenSpielEnv
+from envserver.protocol import OpenSpielAction, Tensor
 
 GAMES = ["catch", "tic_tac_toe", "connect_four", "kuhn_poker", "leduc_poker", "breakthrough"]
 
@@ -129,3 +129,29 @@ async def test_tensor_matches_pyspiel(catch_server, mux_connect, game_name: str)
                 break
             body = await mux.one("step", seat, rng.choice(body["observation"]["legal_actions"]))
         await mux.one("close", seat)
+
+
+def test_seeded_draws_are_pinned() -> None:
+    """Chance and opponent draws for a seed never change (recorded trajectories depend on them)."""
+    catch = OpenSpielEnv()
+    assert [catch.reset(seed=s) and catch.state().history[0] for s in range(12)] == [4, 2, 2, 0, 2, 1, 3, 1, 3, 3, 0, 1]
+    leduc = OpenSpielEnv(game="leduc_poker")  # chance deals and a random opponent
+    histories = []
+    for seed in range(3):
+        result = leduc.reset(seed=seed)
+        while not result.terminated:
+            result = leduc.step(OpenSpielAction(result.observation.legal_actions[0]))
+        histories.append(leduc.state().history)
+    assert histories == [[5, 2, 1, 1, 4, 1, 1], [3, 4, 1, 2, 0], [3, 4, 1, 2, 0]]
+
+
+def test_episode_ids_are_unique_hex() -> None:
+    envs = [OpenSpielEnv(), OpenSpielEnv()]
+    assert envs[0].state().episode_id is None
+    ids = []
+    for _ in range(100):
+        for env in envs:
+            env.reset()
+            ids.append(env.state().episode_id)
+            assert env.state().episode_id == ids[-1]  # stable within the episode
+    assert len(set(ids)) == len(ids) and all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
