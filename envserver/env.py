@@ -6,7 +6,7 @@ import abc
 from typing import Any, ClassVar, Generic, TypeVar
 
 from .errors import ServerError
-from .protocol import ErrorCode, StepResult, convert
+from .protocol import ErrorCode, StepResult, convert, flat_tensors
 
 A = TypeVar("A")
 O = TypeVar("O")
@@ -59,5 +59,5 @@ class Environment(abc.ABC, Generic[A, O, S]):
         raise ServerError(ErrorCode.NOT_FOUND, f"{self.name} has no tool {name!r}")
 
     def openenv_observation(self, observation: O) -> Any:
-        """The observation as OpenEnv clients expect it (by default: unchanged)."""
-        return observation
+        """The observation as OpenEnv clients expect it (by default: tensors as flat lists)."""
+        return flat_tensors(observation)

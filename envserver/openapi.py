@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import msgspec
 
 from . import __version__
 from .env import Environment
-from .protocol import HttpResetRequest, HttpStepRequest, Metadata, OpenEnvResult, schema_hook
+from .protocol import HttpResetRequest, HttpStepRequest, Metadata, OpenEnvResult, json_schemas
 
 
 def openapi_document(env_class: type[Environment]) -> dict[str, Any]:  # type: ignore[type-arg]
     types = (HttpResetRequest, HttpStepRequest, OpenEnvResult, Metadata, env_class.Action, env_class.Observation, env_class.State)
-    (reset, step, result, meta, action, observation, state), components = msgspec.json.schema_components(
-        types, schema_hook=schema_hook, ref_template="#/components/schemas/{name}"
-    )
+    (reset, step, result, meta, action, observation, state), components = json_schemas(types, "#/components/schemas/{name}")
 
     def op(summary: str, response: dict[str, Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
         spec: dict[str, Any] = {

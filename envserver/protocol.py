@@ -10,13 +10,12 @@ Two surfaces share these types:
 * The fast mux (``WS /v1/mux``): one binary msgpack frame is a list of requests,
   each a tagged array ``[op, id, sid, ...]``, or ``[op, id, sids, ...]`` for the
   many-session ops ``steps`` and ``resets``; the reply frame is a list of
-  ``[id, ok, result | error]``. Tensors travel as packed bytes (msgpack ext 1).
+  ``[id, ok, result | error]``. Tensors travel as ``[shape, bytes, dtype]``.
 """
 
 from __future__ import annotations
 
 import enum
-import struct
 from array import array
 from typing import Any, Generic, Literal, TypeVar
 
@@ -79,46 +78,27 @@ class ErrorInfo(msgspec.Struct, gc=False, omit_defaults=True):
 # --------------------------------------------------------------------------- tensors
 
 
-class Tensor:
-    """A dense array: shape, dtype ('float32' or 'uint8') and the raw little-endian bytes.
+class Tensor(msgspec.Struct, array_like=True, frozen=True, gc=False):
+    """A dense array: its shape, the raw little-endian values, and their dtype.
 
-    Built on the server from a list of floats; packed to bytes only when sent on the
-    mux, rendered as a list of floats in JSON. Clients get it back lazily:
-    ``tolist()`` or ``numpy()`` decode on first use.
+    On the mux it travels as ``[shape, bytes, dtype]``, which msgspec decodes with no
+    Python call per tensor; the OpenEnv JSON surface sends the values as a flat list of
+    numbers instead (``flat_tensors``).
     """
 
-    __slots__ = ("shape", "dtype", "_data", "_values")
+    shape: tuple[int, ...]
+    data: bytes
+    dtype: Literal["float32", "uint8"] = "float32"
 
-    _CODES = {"float32": "f", "uint8": "B"}
-
-    def __init__(
-        self,
-        shape: tuple[int, ...],
-        dtype: str = "float32",
-        *,
-        data: bytes | None = None,
-        values: list[float] | None = None,
-    ) -> None:
-        if dtype not in self._CODES:
-            raise ValueError(f"unsupported tensor dtype {dtype!r}")
-        self.shape = tuple(shape)
-        self.dtype = dtype
-        self._data = data
-        self._values = values
-
-    @property
-    def data(self) -> bytes:
-        if self._data is None:
-            self._data = array(self._CODES[self.dtype], self._values or ()).tobytes()
-        return self._data
+    @classmethod
+    def from_values(cls, values: list[float], shape: tuple[int, ...] | None = None, dtype: Literal["float32", "uint8"] = "float32") -> Tensor:
+        return cls(shape or (len(values),), array(_TYPECODES[dtype], values).tobytes(), dtype)
 
     def tolist(self) -> list[float]:
         """The flat values as Python numbers."""
-        if self._values is None:
-            values = array(self._CODES[self.dtype])
-            values.frombytes(self.data)
-            self._values = [float(v) for v in values]
-        return self._values
+        values = array(_TYPECODES[self.dtype])
+        values.frombytes(self.data)
+        return values.tolist()
 
     def numpy(self) -> Any:
         """The values as a numpy array of ``shape`` (imports numpy on first use)."""
@@ -126,42 +106,20 @@ class Tensor:
 
         return np.frombuffer(self.data, dtype=self.dtype).reshape(self.shape)
 
-    def to_ext(self) -> msgspec.msgpack.Ext:
-        key = (self.dtype, self.shape)
-        header = _EXT_HEADERS.get(key)
-        if header is None:
-            dtype_index = list(self._CODES).index(self.dtype)
-            header = struct.pack(f"<BB{len(self.shape)}I", dtype_index, len(self.shape), *self.shape)
-            _EXT_HEADERS[key] = header
-        return msgspec.msgpack.Ext(TENSOR_EXT, header + self.data)
-
-    @classmethod
-    def from_ext(cls, payload: memoryview | bytes) -> Tensor:
-        end = 2 + 4 * payload[1]
-        key = bytes(payload[:end])
-        layout = _EXT_LAYOUTS.get(key)
-        if layout is None:
-            shape = struct.unpack_from(f"<{payload[1]}I", payload, 2)
-            layout = _EXT_LAYOUTS[key] = (shape, list(cls._CODES)[payload[0]])
-        tensor = cls.__new__(cls)  # trusted layout: skip __init__'s checks on the hot path
-        tensor.shape, tensor.dtype = layout
-        tensor._data, tensor._values = bytes(payload[end:]), None
-        return tensor
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Tensor) and (self.shape, self.dtype, self.data) == (
-            other.shape,
-            other.dtype,
-            other.data,
-        )
-
     def __repr__(self) -> str:
         return f"Tensor(shape={self.shape}, dtype={self.dtype!r})"
 
 
-TENSOR_EXT = 1
-_EXT_HEADERS: dict[tuple[str, tuple[int, ...]], bytes] = {}
-_EXT_LAYOUTS: dict[bytes, tuple[tuple[int, ...], str]] = {}
+_TYPECODES = {"float32": "f", "uint8": "B"}
+
+
+def flat_tensors(obj: Any) -> Any:
+    """A struct as the JSON surface sends it: a dict whose tensors are flat lists of numbers."""
+    fields = msgspec.structs.asdict(obj)
+    for name, value in fields.items():
+        if type(value) is Tensor:
+            fields[name] = value.tolist()
+    return fields
 
 
 # --------------------------------------------------------------------------- environment payloads
@@ -419,60 +377,39 @@ class JsonRpcRequest(msgspec.Struct):
 
 # --------------------------------------------------------------------------- codecs
 
-
-def _enc_msgpack(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to_ext()
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
-
-
-def _enc_json(obj: Any) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.tolist()
-    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
-
-
-def _ext_msgpack(code: int, data: memoryview) -> Any:
-    if code == TENSOR_EXT:
-        return Tensor.from_ext(data)
-    return msgspec.msgpack.Ext(code, bytes(data))
-
-
-def _dec_hook(type_: type, obj: Any) -> Any:
-    if type(obj) is Tensor:
-        return obj
-    if type_ is Tensor:
-        if isinstance(obj, list):  # JSON: a flat list of numbers
-            return Tensor((len(obj),), values=[float(v) for v in obj])
-    raise NotImplementedError(f"cannot decode {type_!r}")
-
-
-def schema_hook(type_: type) -> dict[str, Any]:
-    if type_ is Tensor:
-        return {"type": "array", "items": {"type": "number"}, "description": "flat tensor"}
-    raise NotImplementedError
-
-
-msgpack_encoder = msgspec.msgpack.Encoder(enc_hook=_enc_msgpack)
-json_encoder = msgspec.json.Encoder(enc_hook=_enc_json)
+msgpack_encoder = msgspec.msgpack.Encoder()
+json_encoder = msgspec.json.Encoder()
 mux_request_decoder = msgspec.msgpack.Decoder(list[MuxRequest])
 mux_reply_decoder = msgspec.msgpack.Decoder(list[RawReply])
 ws_message_decoder = msgspec.json.Decoder(WsMessage)
 
 
 def msgpack_decoder(type_: Any) -> msgspec.msgpack.Decoder[Any]:
-    """A msgpack decoder for ``type_`` that understands tensors."""
-    return msgspec.msgpack.Decoder(type_, ext_hook=_ext_msgpack, dec_hook=_dec_hook)
+    return msgspec.msgpack.Decoder(type_)
 
 
 def json_decoder(type_: Any) -> msgspec.json.Decoder[Any]:
-    return msgspec.json.Decoder(type_, dec_hook=_dec_hook)
+    return msgspec.json.Decoder(type_)
+
+
+_FLAT_TENSOR = {"type": "array", "items": {"type": "number"}, "description": "tensor values, flattened"}
+
+
+def json_schemas(types: tuple[Any, ...], ref_template: str = "#/$defs/{name}") -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
+    """JSON Schemas of ``types`` and their shared components, as the JSON surface sends them (flat tensors)."""
+    schemas, components = msgspec.json.schema_components(types, ref_template=ref_template)
+    if "Tensor" in components:
+        components["Tensor"] = _FLAT_TENSOR
+    return schemas, components
 
 
 def json_schema(type_: Any) -> dict[str, Any]:
-    return msgspec.json.schema(type_, schema_hook=schema_hook)
+    (schema,), components = json_schemas((type_,))
+    if components:
+        schema["$defs"] = components
+    return schema
 
 
 def convert(obj: Any, type_: Any) -> Any:
     """Validate builtins into ``type_`` (strict: no silent str -> int)."""
-    return msgspec.convert(obj, type_, dec_hook=_dec_hook)
+    return msgspec.convert(obj, type_)

@@ -275,7 +275,7 @@ class MuxClient:
         await self.ws.send_bytes(data)
 
     async def recv(self, timeout: float = 10.0) -> list[Any]:
-        """One reply frame, decoded (tensors as ``Tensor``, errors as dicts)."""
+        """One reply frame, decoded untyped (tensors as ``[shape, bytes, dtype]``, errors as dicts)."""
         message = await self.ws.receive(timeout=timeout)
         if message.type != aiohttp.WSMsgType.BINARY:
             raise AssertionError(f"expected a binary reply frame, got {message.type!r}: {message.data!r}")

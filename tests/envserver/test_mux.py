@@ -27,8 +27,9 @@ async def test_many_sessions_on_one_connection(catch_server, mux_connect) -> Non
         obs = reply.body["observation"]
         assert obs["legal_actions"] == [0, 1, 2]
         assert obs["game_phase"] == "initial"
-        assert isinstance(obs["info_state"], Tensor) and obs["info_state"].shape == (10, 5)
-        assert sum(obs["info_state"].tolist()) == 2.0  # the ball and the paddle
+        tensor = msgspec.convert(obs["info_state"], Tensor)
+        assert tensor.shape == (10, 5) and tensor.dtype == "float32"
+        assert sum(tensor.tolist()) == 2.0  # the ball and the paddle
     # Play every session to the end, one frame per round.
     for round_ in range(9):
         steps = await mux.call(*[mux.req("step", s, 1) for s in sids])
