@@ -18,7 +18,7 @@ class SeededRandom:
     __slots__ = ("_state",)
 
     def __init__(self, seed: int | None = None) -> None:
-        self._state = (seed if seed is not None else int.from_bytes(os.urandom(8), "little")) & _MASK
+        self._state = (seed if seed is not None else _UNSEEDED.next64()) & _MASK
 
     def next64(self) -> int:
         self._state = z = (self._state + 0x9E3779B97F4A7C15) & _MASK
@@ -41,3 +41,8 @@ class SeededRandom:
             if target < 0:
                 return action
         return outcomes[-1][0]
+
+
+# Seeds of unseeded generators: one stream per process, seeded once from the OS
+# (a urandom call per reset costs more than the rest of the reset).
+_UNSEEDED = SeededRandom(int.from_bytes(os.urandom(8), "little"))

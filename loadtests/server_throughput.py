@@ -3,9 +3,10 @@
 Two paths, each at 1, 64 and 256 sessions:
 
 * ``mux``: ``WS /v1/mux`` with caller-built batch frames — up to 4 connections, each frame
-  one step per session of its connection, ``--depth`` frames in flight per connection so the
-  server never idles. A session whose episode is over (catch: exactly 9 steps) gets a
-  reset in the next frame instead of a step; resets are not counted as steps.
+  one ``steps`` request for every session of its connection, ``--depth`` frames in flight
+  per connection so the server never idles. Sessions whose episode is over (catch: exactly
+  9 steps) are reset by a ``resets`` request in the next frame instead; resets are not
+  counted as steps.
 * ``ws``: OpenEnv's ``WS /ws``, one connection per session, one JSON step per message.
 
 Latency is per step: from sending the frame (or message) that carries it to receiving its
@@ -34,7 +35,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from envserver.protocol import Open, Reset, Step, msgpack_encoder, mux_reply_decoder
+from envserver.protocol import Open, Reset, ResetMany, StepMany, msgpack_encoder, mux_reply_decoder
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "server_throughput.json"
@@ -52,6 +53,16 @@ class _WsObservationReply(msgspec.Struct):
 
 
 _ws_reply = msgspec.json.Decoder(_WsObservationReply)
+
+
+class _BatchFailures(msgspec.Struct, array_like=True):
+    """A ``Batch`` reply body read only for its failures."""
+
+    results: msgspec.Raw
+    failures: dict[int, Any] = {}
+
+
+_batch_failures = msgspec.msgpack.Decoder(_BatchFailures)
 _STEP_MESSAGES = [json.dumps({"type": "step", "data": {"action_id": a}}) for a in range(3)]
 _RESET_MESSAGE = json.dumps({"type": "reset", "data": {}})
 
@@ -112,18 +123,20 @@ async def mux_connection(http: aiohttp.ClientSession, url: str, sessions: int, d
 
     def build() -> tuple[bytes, int, int]:
         nonlocal next_id
-        frame = []
-        steps = 0
-        for s in sids:
+        resetting = [s for s in sids if issued[s] == CATCH_STEPS]
+        stepping = [s for s in sids if issued[s] < CATCH_STEPS]
+        frame: list[Any] = []
+        if resetting:
             next_id += 1
-            if issued[s] == CATCH_STEPS:
-                frame.append(Reset(next_id, s))
-                issued[s] = 0
-            else:
-                frame.append(Step(next_id, s, int(rng.random() * 3)))
-                issued[s] += 1
-                steps += 1
-        return msgpack_encoder.encode(frame), steps, len(frame)
+            frame.append(ResetMany(next_id, resetting, [None] * len(resetting)))
+        if stepping:
+            next_id += 1
+            frame.append(StepMany(next_id, stepping, [int(rng.random() * 3) for _ in stepping]))
+        for s in resetting:
+            issued[s] = 0
+        for s in stepping:
+            issued[s] += 1
+        return msgpack_encoder.encode(frame), len(stepping), len(frame)
 
     async def send() -> None:
         data, steps, count = build()
@@ -141,6 +154,8 @@ async def mux_connection(http: aiohttp.ClientSession, url: str, sessions: int, d
         for reply in replies:
             if not reply.ok:
                 tally.errors += 1
+            elif reply.id > 2 * sessions:  # a many-request: count the sessions that failed in it
+                tally.errors += len(_batch_failures.decode(reply.body).failures)
         answered += len(replies)
         now = time.perf_counter()
         while in_flight and answered >= in_flight[0][2]:
