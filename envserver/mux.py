@@ -1,8 +1,9 @@
 """``WS /v1/mux``: many sessions per connection, binary msgpack batch frames.
 
 A frame is a list of requests; requests for cheap environments are answered inline in
-one pass and their replies leave as one frame. Requests for blocking environments run
-in worker threads (in order per session) and their replies follow as they finish.
+one pass and their replies leave as one frame (a many-request's reply leaves as soon as
+it is ready). Requests for blocking environments run in worker threads (in order per
+session) and their replies follow as they finish.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ from .sessions import Session
 
 log = logging.getLogger("envserver.mux")
 
+_MANY = (StepMany, ResetMany)
+
 
 class MuxConnection:
     """One client connection and the sessions it opened (closed when it goes away)."""
@@ -66,12 +69,10 @@ class MuxConnection:
                 data = message.get("bytes")
                 if data is None:
                     self._error(0, ErrorCode.INVALID_JSON, "mux frames are binary msgpack, not text")
-                else:
-                    start = time.perf_counter()
-                    count = self._handle_frame(data)
-                    self._latency.observe_frame(time.perf_counter() - start, count)
-                if self._outbox:
-                    self._wakeup.set()
+                elif not await self._handle_frame(data):
+                    return
+                if self._outbox and not await self._flush():
+                    return
         except WebSocketDisconnect:
             return
         finally:
@@ -84,25 +85,43 @@ class MuxConnection:
 
     # -- frames
 
-    def _handle_frame(self, data: bytes) -> int:
-        """Answer one frame's requests; return how many there were (for the latency histogram)."""
+    async def _handle_frame(self, data: bytes) -> bool:
+        """Answer one frame's requests; False if the peer went away meanwhile.
+
+        The answer to each many-request leaves as soon as it is ready, before the frame's
+        next request runs: the client can work on it while the server computes the rest
+        (otherwise client and server take turns idling).
+        """
+        requests = self._decode_frame(data)
+        last = len(requests) - 1
+        start, count = time.perf_counter(), 0
+        for index, request in enumerate(requests):
+            self._handle(request)
+            count += 1
+            if index < last and type(request) in _MANY:
+                self._latency.observe_frame(time.perf_counter() - start, count)
+                if not await self._flush():
+                    return False
+                start, count = time.perf_counter(), 0
+        self._latency.observe_frame(time.perf_counter() - start, count)
+        return True
+
+    def _decode_frame(self, data: bytes) -> list[MuxRequest]:
+        """The frame's requests; what cannot be read is answered with errors."""
         stats = self.server.stats
         stats.frames_in += 1
         stats.bytes_in += len(data)
         self._now = time.monotonic()
         if len(data) > self.server.config.max_frame_bytes:
             self._error(0, ErrorCode.FRAME_TOO_LARGE, f"frame of {len(data)} bytes exceeds {self.server.config.max_frame_bytes}")
-            return 0
+            return []
         try:
-            requests = mux_request_decoder.decode(data)
+            return mux_request_decoder.decode(data)
         except msgspec.ValidationError:  # a subclass of DecodeError: catch it first
-            requests = self._salvage(data)
+            return self._salvage(data)
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # the last two: bad utf-8, deep nesting
             self._error(0, ErrorCode.INVALID_JSON, f"frame is not valid msgpack: {exc}")
-            return 0
-        for request in requests:
-            self._handle(request)
-        return len(requests)
+            return []
 
     def _salvage(self, data: bytes) -> list[MuxRequest]:
         """Decode a frame with bad requests one by one: answer each bad one, keep the good ones."""
@@ -285,20 +304,27 @@ class MuxConnection:
 
     # -- writing
 
-    async def _write_forever(self) -> None:
+    async def _flush(self) -> bool:
+        """Send every reply waiting in the outbox as one frame; False if the peer is gone."""
+        replies, self._outbox = self._outbox, []
+        if not replies:
+            return True
+        frame = msgpack_encoder.encode(replies)
         stats = self.server.stats
+        stats.frames_out += 1
+        stats.bytes_out += len(frame)
+        try:
+            await self.ws.send_bytes(frame)
+        except Exception:  # peer gone: the receive loop sees the disconnect and cleans up
+            return False
+        return True
+
+    async def _write_forever(self) -> None:
+        """Send the replies of blocking environments, which arrive between frames."""
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            replies, self._outbox = self._outbox, []
-            if not replies:
-                continue
-            frame = msgpack_encoder.encode(replies)
-            stats.frames_out += 1
-            stats.bytes_out += len(frame)
-            try:
-                await self.ws.send_bytes(frame)
-            except Exception:  # peer gone: the receive loop sees the disconnect and cleans up
+            if not await self._flush():
                 return
 
 
