@@ -6,7 +6,7 @@ usage: python loadtests/pool_throughput.py [--sizes 1,16,256,1024,4096] [--serve
 
 Each n gets a fresh ``EnvPool(n, env="openspiel", game="catch", servers=S)``; the per-env
 API (n coroutines each awaiting its own env's ``step``) is measured for every n and the
-batched API (``pool.step`` over all envs) for n >= 16, both by ``rollout.bench.measure``,
+batched API (``pool.step`` over each server's envs) for n >= 16, both by ``rollout.bench.measure``,
 which counts full observations (legal actions plus the catch tensor). Each case also records
 the CPU seconds the client and the servers used, so results from a busy machine can be read
 as steps per CPU second as well as steps per wall second. A case that raises

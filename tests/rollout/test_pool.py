@@ -10,6 +10,7 @@ import signal
 import pytest
 
 from rollout import CapacityReached, EnvCrashed, EnvPool, EpisodeRecord, FleetError, InvalidAction, PoolClosed, episode_seed
+from rollout.bench import batches
 from rollout.pool import PoolState
 
 
@@ -134,3 +135,11 @@ async def test_capacity_refusal_is_typed() -> None:
     with pytest.raises(CapacityReached):
         async with EnvPool(n=5, game="catch", servers=1, max_sessions=4):
             pass
+
+
+async def test_bench_batches_cover_every_env_and_stay_on_one_server() -> None:
+    for servers, n in ((2, 10), (1, 5)):
+        async with EnvPool(n=n, game="catch", servers=servers) as pool:
+            groups = batches(pool)
+            assert sorted(i for ids in groups for i in ids) == list(range(n))
+            assert len(groups) == 2 and all(len({pool.envs[i].server for i in ids}) == 1 for ids in groups)
