@@ -217,11 +217,13 @@ class MuxConnection:
             self._outbox.append(Reply(request.id, True, Batch(results, failures)))
             return
 
+        # Start the calls now, not inside ``finish``: each queues on its session before any later request does.
+        calls = [
+            asyncio.ensure_future(self.server.step(session, args[index]) if stepping else self.server.reset(session, args[index], options))
+            for index, session in deferred
+        ]
+
         async def finish() -> None:
-            calls = (
-                self.server.step(session, args[index]) if stepping else self.server.reset(session, args[index], options)
-                for index, session in deferred
-            )
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             for (index, _), outcome in zip(deferred, outcomes):
                 if isinstance(outcome, Exception):

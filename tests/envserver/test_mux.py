@@ -121,6 +121,9 @@ async def test_many_request_on_blocking_envs(test_envs_server, mux_connect) -> N
     assert results[3] is None and failures[3]["code"] == ErrorCode.UNKNOWN_SESSION
     states = await mux.call(mux.req("state", 1), mux.req("state", 2))
     assert [r.body["step_count"] for r in states] == [2, 1]
+    # a single request after a many-request in the same frame runs after it on the same session
+    batch, state = await mux.call(mux.req("steps", [1], [{"message": "d"}]), mux.req("state", 1))
+    assert batch.ok and state.body["step_count"] == 3
 
 
 async def test_unknown_op(catch_server, mux_connect) -> None:
