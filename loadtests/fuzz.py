@@ -39,7 +39,7 @@ OUT = Path(__file__).resolve().parent / "out" / "fuzz.json"
 REPLY_TIMEOUT = 10.0  # seconds a sentinel may take before the input counts as hung
 CODES = {code.value for code in ErrorCode}
 ENCODE = msgspec.msgpack.encode
-OPS = ["open", "reset", "step", "state", "close", "ping"]
+OPS = ["open", "reset", "step", "state", "close", "ping", "steps", "resets"]
 ROUTES = [
     ("POST", "/reset"), ("POST", "/step"), ("GET", "/state"), ("POST", "/close"), ("POST", "/mcp"),
     ("GET", "/health"), ("GET", "/metadata"), ("GET", "/schema"), ("GET", "/openapi.json"),
@@ -116,7 +116,8 @@ class MuxInputs:
     def __init__(self, rng: random.Random, limit: int) -> None:
         self.rng, self.limit = rng, limit
         self.kinds = [self.garbage, self.truncated, self.nested, self.huge, self.wrong_types, self.unknown_op,
-                      self.reused_ids, self.odd_action, self.oversized, self.junk_requests, self.odd_sessions]
+                      self.reused_ids, self.odd_action, self.oversized, self.junk_requests, self.odd_sessions,
+                      self.many]
 
     def next(self) -> tuple[str, bytes]:
         maker = self.rng.choice(self.kinds)
@@ -170,6 +171,16 @@ class MuxInputs:
         opts = self.rng.choice([{}, {"game": "no_such_game"}, {"game": junk(self.rng)}, {"opponent": "x"}, junk(self.rng)])
         env = self.rng.choice([None, "openspiel", "no_such_env", "echo", "../../etc/passwd", ""])
         return ENCODE([["open", self._id(), sid, env, opts], ["close", self._id(), sid], ["state", self._id(), sid]])
+
+    def many(self) -> bytes:
+        """``steps``/``resets`` with odd session lists: unknown, repeated, mismatched, huge, wrong-typed."""
+        rng = self.rng
+        sids = rng.choice([[], [1], [1, 1, 1], [1, 99, -1], [2**63 - 1], list(range(rng.randrange(1, 5000))), junk(rng)])
+        count = len(sids) if isinstance(sids, list) else 1
+        args = [rng.choice(ODD_ACTIONS) for _ in range(count + rng.choice([0, 0, 0, -1, 1]))]
+        op = rng.choice(["steps", "resets"])
+        extra = [rng.choice([None, {}, {"game": "no_such_game"}, junk(rng)])] if op == "resets" and rng.random() < 0.5 else []
+        return ENCODE([[op, self._id(), sids, args, *extra], ["step", self._id(), 1, 1]])
 
 
 class WsInputs:
