@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from . import __version__
 from .env import Environment
 from .protocol import HttpResetRequest, HttpStepRequest, Metadata, OpenEnvResult, json_schemas

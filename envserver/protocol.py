@@ -90,10 +90,6 @@ class Tensor(msgspec.Struct, array_like=True, frozen=True, gc=False):
     data: bytes
     dtype: Literal["float32", "uint8"] = "float32"
 
-    @classmethod
-    def from_values(cls, values: list[float], shape: tuple[int, ...] | None = None, dtype: Literal["float32", "uint8"] = "float32") -> Tensor:
-        return cls(shape or (len(values),), array(_TYPECODES[dtype], values).tobytes(), dtype)
-
     def tolist(self) -> list[float]:
         """The flat values as Python numbers."""
         values = array(_TYPECODES[self.dtype])

@@ -79,39 +79,39 @@ class _Pending:
         self.deadline = deadline
         self.offset = offset
 
-    def deliver(self, value: Any, error: Callable[[int, ErrorInfo], EnvError]) -> None:
-        """Hand a decoded reply to the waiters; ``error(i, info)`` builds the exception of failed slot i."""
+    def deliver(self, value: Any, server: str, request: int) -> None:
+        """Hand a decoded reply to the waiters; a failed slot of a many-request gets its coded error."""
         target = self.target
         if isinstance(target, asyncio.Future):
             if not target.done():
                 target.set_result(value)
             return
-        results, failures = value.results, value.failures
+        results, labels = value.results, self.labels
+        for index, info in value.failures.items():
+            results[index] = from_reply(info.code, info.message, env=labels[index], server=server, request=request)
         if type(target) is not list:
-            for index, info in failures.items():
-                results[index] = error(index, info)  # a batch reports errors in place
-            self._fill(results)
+            self._fill(results)  # a batch reports errors in place
             return
-        for index, future in enumerate(target):
+        for future, result in zip(target, results):
             if future.done():  # cancelled by its caller
                 continue
-            if failures and index in failures:
-                future.set_exception(error(index, failures[index]))
+            if value.failures and isinstance(result, EnvError):
+                future.set_exception(result)
             else:
-                future.set_result(results[index])
+                future.set_result(result)
 
-    def fail(self, error: Callable[[Any], EnvError]) -> None:
-        """Fail every waiter with ``error(label)``."""
+    def fail(self, error: Callable[..., EnvError], *args: Any, **where: Any) -> None:
+        """Fail every waiter with ``error(*args, env=its label, **where)``."""
         target = self.target
         if isinstance(target, asyncio.Future):
             if not target.done():
-                target.set_exception(error(self.labels))
+                target.set_exception(error(*args, env=self.labels, **where))
         elif type(target) is list:
             for future, label in zip(target, self.labels):
                 if not future.done():
-                    future.set_exception(error(label))
+                    future.set_exception(error(*args, env=label, **where))
         else:
-            self._fill([error(label) for label in self.labels])
+            self._fill([error(*args, env=label, **where) for label in self.labels])
 
     def _fill(self, values: list[Any]) -> None:
         batch = self.target
@@ -419,16 +419,14 @@ class EnvClient:
                 continue
             if not reply.ok:
                 info = _error_decoder.decode(reply.body)
-                pending.fail(lambda label: from_reply(info.code, info.message, env=label, server=url, request=rid))
+                pending.fail(from_reply, info.code, info.message, server=url, request=rid)
                 continue
             try:
                 value = pending.decoder.decode(reply.body) if pending.decoder is not None else None
             except msgspec.MsgspecError as exc:
-                problem = f"cannot decode reply: {exc}"
-                pending.fail(lambda label: EnvError(problem, env=label, server=url, request=rid))
+                pending.fail(EnvError, f"cannot decode reply: {exc}", server=url, request=rid)
                 continue
-            labels = pending.labels
-            pending.deliver(value, lambda i, info: from_reply(info.code, info.message, env=labels[i], server=url, request=rid))
+            pending.deliver(value, url, rid)
 
     async def _expire_forever(self) -> None:
         interval = min(1.0, self._request_timeout / 4)
@@ -441,8 +439,7 @@ class EnvClient:
                     break
                 expired.append(rid)
             for rid in expired:
-                message = f"no reply within {self._request_timeout:g} s"
-                self._inflight.pop(rid).fail(lambda label: RequestTimeout(message, env=label, server=self.url, request=rid))
+                self._inflight.pop(rid).fail(RequestTimeout, f"no reply within {self._request_timeout:g} s", server=self.url, request=rid)
 
     def _broken(self, reason: str) -> None:
         if self.state is ClientState.OPEN:
@@ -460,4 +457,4 @@ class EnvClient:
         self._outbox.clear()
         self._joinable = None
         for rid, pending in inflight.items():
-            pending.fail(lambda label: kind(reason, env=label, server=self.url, request=rid))
+            pending.fail(kind, reason, server=self.url, request=rid)
