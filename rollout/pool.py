@@ -102,14 +102,15 @@ class Env:
         """Apply one action; gives observation, reward, terminated, truncated, info."""
         slot = self._slot
         if slot.replacements != self._generation:  # the episode died with the old server
-            return self._lost_episode(slot)
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            future.set_exception(self.lost_episode_error())
+            return future
         return slot.client.step(self.sid, action, label=self.index)
 
-    def _lost_episode(self, slot: _Slot) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        message = f"the server was replaced during this episode (now {slot.url}); reset to start a new one"
-        future.set_exception(EnvCrashed(message, env=self.index, server=slot.url))
-        return future
+    def lost_episode_error(self) -> EnvCrashed:
+        """The error of a step in an episode that began on a server since replaced."""
+        message = f"the server was replaced during this episode (now {self._slot.url}); reset to start a new one"
+        return EnvCrashed(message, env=self.index, server=self._slot.url)
 
     def state(self) -> Awaitable[Any]:
         return self._slot.client.get_state(self.sid, label=self.index)
@@ -325,6 +326,13 @@ class EnvPool:
         results: list[Any] = [None] * len(ids)
         pending = []
         for slot, positions, sids, labels in self._plan(ids):
+            if op == "reset":
+                for index in labels:
+                    self.envs[index]._generation = slot.replacements
+            elif any(self.envs[index]._generation != slot.replacements for index in labels):
+                positions, sids, labels = self._drop_lost(slot, positions, sids, labels, results)
+                if not positions:
+                    continue
             try:
                 future = slot.client.batch(op, sids, [args[p] for p in positions], labels)
                 pending.append((positions, future))
@@ -339,6 +347,20 @@ class EnvPool:
                 if isinstance(value, BaseException):
                     raise value
         return results
+
+    def _drop_lost(
+        self, slot: _Slot, positions: list[int], sids: list[int], labels: list[int], results: list[Any]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Fail the envs whose episode began before ``slot``'s server was replaced; keep the others."""
+        kept: tuple[list[int], list[int], list[int]] = ([], [], [])
+        for position, sid, index in zip(positions, sids, labels):
+            env = self.envs[index]
+            if env._generation != slot.replacements:
+                results[position] = env.lost_episode_error()
+            else:
+                for column, value in zip(kept, (position, sid, index)):
+                    column.append(value)
+        return kept
 
     def _plan(self, ids: Sequence[int]) -> list[tuple[_Slot, list[int], list[int], list[int]]]:
         """Which positions of ``ids`` go to which server, with their sids (cached: callers reuse id lists)."""

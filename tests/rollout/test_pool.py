@@ -105,6 +105,22 @@ async def test_in_flight_calls_fail_fast_and_other_servers_keep_serving() -> Non
         assert (await healthy.step(1)).observation.game_phase == "playing"
 
 
+async def test_batched_calls_after_a_server_replacement() -> None:
+    async with EnvPool(n=4, game="catch", servers=2) as pool:
+        await pool.reset(seeds=range(4))
+        victim = pool.envs[0].server
+        os.kill(pool.backend.pid(victim), signal.SIGKILL)  # type: ignore[union-attr]
+        async with asyncio.timeout(30):
+            while not pool.replacements_log:
+                await asyncio.sleep(0.05)
+        assert pool.envs[0].server == pool.envs[2].server != victim  # envs 0 and 2 lived on the replaced server
+        results = await pool.step([1] * 4, return_exceptions=True)
+        assert [isinstance(r, EnvCrashed) and "replaced" in str(r) for r in results] == [True, False, True, False]
+        await pool.reset(seeds=[7, 8], env_ids=[0, 2])  # a batched reset starts new episodes there
+        assert all(r.observation.game_phase == "playing" for r in await pool.step([1] * 4))
+        assert (await pool.envs[0].step(1)).observation.game_phase == "playing"
+
+
 async def test_pool_stops_its_servers_on_error_and_refuses_after_close(alive) -> None:
     pool = EnvPool(n=2, game="catch", servers=2)
     with pytest.raises(RuntimeError):
