@@ -6,6 +6,7 @@ import asyncio
 import os
 import random
 import signal
+import time
 
 import pytest
 
@@ -159,3 +160,16 @@ async def test_bench_batches_cover_every_env_and_stay_on_one_server() -> None:
             groups = batches(pool)
             assert sorted(i for ids in groups for i in ids) == list(range(n))
             assert len(groups) == 2 and all(len({pool.envs[i].server for i in ids}) == 1 for ids in groups)
+
+
+async def test_blocking_env_through_the_pool_runs_sessions_side_by_side() -> None:
+    """python_sandbox cells run in worker threads: joined per-env steps and a batched step both map back by env."""
+    async with EnvPool(n=4, env="python_sandbox", servers=1) as pool:
+        await pool.reset(seeds=range(4))
+        started = time.perf_counter()
+        cells = [env.step({"code": f"import time; time.sleep(1.0); x = {env.index}; print(x)"}) for env in pool.envs]
+        results = await asyncio.gather(*cells)
+        assert [r.observation.stdout for r in results] == ["0\n", "1\n", "2\n", "3\n"]
+        assert time.perf_counter() - started < 3.0  # four 1 s cells one after another would take 4 s
+        batched = await pool.step([{"code": "print(x * 10)"}] * 4)
+        assert [r.observation.stdout for r in batched] == ["0\n", "10\n", "20\n", "30\n"]
