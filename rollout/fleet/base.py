@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import abc
+import contextlib
+from collections.abc import AsyncIterator
+
+from ..errors import FleetError
 
 
 class FleetBackend(abc.ABC):
@@ -32,6 +36,18 @@ class FleetBackend(abc.ABC):
     @abc.abstractmethod
     def urls(self) -> list[str]:
         """Base URLs of the servers currently in the fleet."""
+
+    @contextlib.asynccontextmanager
+    async def _stopped_if_start_fails(self) -> AsyncIterator[None]:
+        """Around ``start``'s work: on any failure, stop what was started, then re-raise."""
+        try:
+            yield
+        except BaseException as exc:
+            try:
+                await self.stop()
+            except FleetError as cleanup:
+                exc.add_note(f"cleanup after the failed start also failed: {cleanup}")
+            raise
 
     def describe(self, url: str) -> str:
         """A human-readable name of the server at ``url`` for error messages."""

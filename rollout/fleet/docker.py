@@ -151,7 +151,7 @@ class DockerFleet(FleetBackend):
         if self._state is not _State.NEW:
             raise FleetError(f"this DockerFleet was already {self._state.value}; make a new one")
         self._state = _State.STARTED
-        try:
+        async with self._stopped_if_start_fails():
             self._docker = await _connect()
             await reap(expired_only=True, docker=self._docker)
             await self._check_image()
@@ -169,12 +169,6 @@ class DockerFleet(FleetBackend):
             errors = [r for r in results if isinstance(r, BaseException)]
             if errors:
                 raise _first_error(errors, count)
-        except BaseException as exc:
-            try:
-                await self.stop()
-            except FleetError as cleanup:
-                exc.add_note(f"cleanup after the failed start also failed: {cleanup}")
-            raise
         return self.urls
 
     async def replace(self, url: str) -> str:

@@ -59,11 +59,8 @@ class LocalFleet(FleetBackend):
 
     async def start(self) -> list[str]:
         self._logdir = Path(tempfile.mkdtemp(prefix="envfleet-local-"))
-        try:
+        async with self._stopped_if_start_fails():
             await asyncio.gather(*(self._spawn() for _ in range(self.config.server_count())))
-        except BaseException:
-            await self.stop()
-            raise
         return self.urls
 
     async def replace(self, url: str) -> str:

@@ -134,7 +134,7 @@ class SwarmFleet(FleetBackend):
         if self._state is not _State.NEW:
             raise FleetError(f"this SwarmFleet was already {self._state.value}; make a new one")
         self._state = _State.STARTED
-        try:
+        async with self._stopped_if_start_fails():
             self._docker = await _connect()
             swarm = await check_manager(self._docker)
             self._local_node = swarm.get("NodeID", "")
@@ -144,12 +144,6 @@ class SwarmFleet(FleetBackend):
             count = self.config.servers if self.config.servers is not None else 2
             await self._create_service(image, count)
             await self._wait_started(count, time.monotonic() + self.config.start_timeout)
-        except BaseException as exc:
-            try:
-                await self.stop()
-            except FleetError as cleanup:
-                exc.add_note(f"cleanup after the failed start also failed: {cleanup}")
-            raise
         return self.urls
 
     async def replace(self, url: str) -> str:
