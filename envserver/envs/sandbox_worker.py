@@ -30,6 +30,7 @@ import mmap
 import os
 import signal
 import sys
+import time
 import traceback
 import types
 from typing import Any
@@ -225,13 +226,13 @@ class Worker:
         fields = self._stat(pid)
         return int(fields[3]) if fields else None
 
-    def _session_pids(self) -> list[int]:
-        """Live (not zombie) processes in the sandbox's session, the interpreter included."""
+    def _session_pids(self, zombies: bool = False) -> list[int]:
+        """Processes in the sandbox's session, the interpreter included; zombies only if asked."""
         pids = []
         for name in os.listdir("/proc"):
             if name.isdigit():
                 fields = self._stat(int(name))
-                if fields and fields[0] != b"Z" and int(fields[3]) == self.pid:
+                if fields and (zombies or fields[0] != b"Z") and int(fields[3]) == self.pid:
                     pids.append(int(name))
         return pids
 
@@ -251,7 +252,13 @@ class Worker:
                     os.kill(pid, signal.SIGKILL)
                 except OSError:
                     pass
-        self.reap_children()
+        # A killed process dies a moment later (and an orphan becomes our child only then): reap until none is left.
+        deadline = time.monotonic() + 2.0
+        while True:
+            self.reap_children()
+            if self._session_pids(zombies=True) == [self.pid] or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
         self.tripped[0] = 0
         raise BlockingIOError(
             11, f"sandbox process limit reached ({self.max_processes} processes): every other process of the sandbox was killed"

@@ -182,8 +182,7 @@ def test_fork_bomb_hits_the_process_limit_and_leaves_nothing_running(make_env: A
     obs = run(env, "while True:\n    os.fork()")
     assert obs.exception_type == "BlockingIOError" and "process limit" in (obs.exception_message or "")
     assert "At most 16 processes" in obs.notice and not obs.state_lost
-    time.sleep(0.05)
-    assert [p for p in session_members(sid) if p != sid] == []  # the bomb's processes are gone
+    assert [p for p in session_members(sid) if p != sid] == []  # the bomb's processes are gone, zombies too
     assert run(env, "print(keep)").stdout == "5\n"  # and the interpreter carries on
 
 
