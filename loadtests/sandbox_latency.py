@@ -35,16 +35,12 @@ from typing import Any
 import aiohttp
 
 from envserver.protocol import Close, Open, Reply, Reset, Step, msgpack_decoder, msgpack_encoder
+from rollout.bench import percentile
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "sandbox_latency.json"
 PRINT_1 = {"code": "print(1)"}
 _replies = msgpack_decoder(list[Reply])
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
 def mem_available_gb() -> float:
@@ -153,6 +149,7 @@ async def latency(mux: Mux, sessions: int, steps: int, first_sid: int) -> dict[s
     elapsed = time.perf_counter() - started
     for sid in sids:
         await mux.call(Close, sid)
+    times.sort()
     return {
         "sessions": sessions,
         "steps": len(times),
@@ -208,8 +205,8 @@ async def capacity(http: aiohttp.ClientSession, nofile: int | None, bound: int, 
             "stopped_by": stopped_by,
             "interpreters_running": len(pids),
             "rss_mb_per_sandbox": round(rss / max(1, len(pids)), 1),
-            "reset_ms_per_sandbox_p50": round(percentile(reset_times, 0.5) * 1000, 1),
-            "step_p50_ms_at_capacity": round(percentile(step_times, 0.5) * 1000, 3),
+            "reset_ms_per_sandbox_p50": round(percentile(sorted(reset_times), 0.5) * 1000, 1),
+            "step_p50_ms_at_capacity": round(percentile(sorted(step_times), 0.5) * 1000, 3),
             "server_healthy_after": healthy,
             "interpreters_left_after_close": len(left),
         }

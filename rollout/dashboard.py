@@ -25,6 +25,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from .bench import percentile
 from .client import ClientState
 from .telemetry import Telemetry
 
@@ -50,12 +51,6 @@ def parse_metrics(text: str) -> dict[str, float]:
         except ValueError:
             continue
     return samples
-
-
-def percentile(sorted_values: list[float], q: float) -> float | None:
-    if not sorted_values:
-        return None
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
 class ServerView:
@@ -103,7 +98,7 @@ class Dashboard:
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY_POINTS)
         self.servers: dict[str, ServerView] = {}
         self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
-        self._latency = (None, None)  # p50, p99 in seconds
+        self._latency: tuple[float | None, float | None] = (None, None)  # p50, p99 in seconds
         self._rates = (0.0, 0.0)
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -218,7 +213,7 @@ class Dashboard:
             if totals.latencies:
                 self._latencies.extend(totals.latencies)
                 ordered = sorted(self._latencies)
-                self._latency = (percentile(ordered, 0.50), percentile(ordered, 0.99))  # type: ignore[assignment]
+                self._latency = (percentile(ordered, 0.50), percentile(ordered, 0.99))
             last, last_time = totals, now
 
     async def _scrape_forever(self) -> None:
