@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from .sandbox_worker import BOOTSTRAP, HEADER, MAX_MESSAGE, Exec, ExecDone, Hello, Reply, RunTests, frame
+from .sandbox_worker import BOOTSTRAP, HEADER, MAX_MESSAGE, Exec, ExecDone, Hello, Reply, RunTests, frame, proc_stat, write_all
 
 log = logging.getLogger("envserver.sandbox")
 
@@ -259,7 +259,7 @@ class Interpreter:
         try:
             start = time.monotonic()
             try:
-                _write_all(self._fds[0], frame(request))
+                write_all(self._fds[0], frame(request))
             except OSError:
                 pass  # the interpreter is gone: the control pipe reports it below
             outcome = self._wait_reply(request.seq, start + timeout, Capture(limit), Capture(limit))
@@ -367,27 +367,12 @@ def _read(fd: int) -> bytes | None:
         raise
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _proc_stat(pid: str) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return []
-    return stat[stat.rindex(b")") + 2 :].split()  # state, ppid, pgrp, session, ...
-
-
 def _descendants(root: int) -> list[int]:
     """Every live descendant of ``root`` (by parent links, so also those in other sessions)."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
-            fields = _proc_stat(name)
+            fields = proc_stat(name)
             if fields:
                 children.setdefault(int(fields[1]), []).append(int(name))
     found, todo = [], [root]

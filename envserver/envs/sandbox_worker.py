@@ -85,10 +85,20 @@ def frame(message: Any) -> bytes:
     return len(body).to_bytes(HEADER, "little") + body
 
 
+def proc_stat(pid: int | str) -> list[bytes]:
+    """Fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ...; [] if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return []
+    return stat[stat.rindex(b")") + 2 :].split()
+
+
 # --------------------------------------------------------------------------- output streams
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
@@ -109,7 +119,7 @@ class _CappedBytes:
         room = self.limit - self.kept
         if room > 0:
             chunk = bytes(data[:room])
-            _write_all(self.fd, chunk)
+            write_all(self.fd, chunk)
             self.kept += len(chunk)
         return size
 
@@ -212,18 +222,8 @@ class Worker:
             elif pid not in (0, os.getpid()) and self._session_of(pid) != self.pid:
                 raise PermissionError(1, f"the sandbox may only signal its own processes, not pid {pid}")
 
-    @staticmethod
-    def _stat(pid: int) -> list[bytes]:
-        """Fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            return []
-        return stat[stat.rindex(b")") + 2 :].split()
-
     def _session_of(self, pid: int) -> int | None:
-        fields = self._stat(pid)
+        fields = proc_stat(pid)
         return int(fields[3]) if fields else None
 
     def _session_pids(self, zombies: bool = False) -> list[int]:
@@ -231,7 +231,7 @@ class Worker:
         pids = []
         for name in os.listdir("/proc"):
             if name.isdigit():
-                fields = self._stat(int(name))
+                fields = proc_stat(int(name))
                 if fields and (zombies or fields[0] != b"Z") and int(fields[3]) == self.pid:
                     pids.append(int(name))
         return pids
@@ -278,7 +278,7 @@ class Worker:
     # -- control channel
 
     def send(self, message: Any) -> None:
-        _write_all(self.ctl_out, frame(message))
+        write_all(self.ctl_out, frame(message))
 
     def receive(self) -> Request | None:
         while True:
