@@ -104,6 +104,35 @@ async def _connect() -> aiodocker.Docker:
     return docker
 
 
+async def inspect_image(docker: aiodocker.Docker, image: str, where: str = "") -> dict[str, Any]:
+    """The local image's details; FleetError if it is missing (envfleet never pulls) or cannot be read."""
+    try:
+        info: dict[str, Any] = await docker.images.inspect(image)
+    except aiodocker.DockerError as exc:
+        if exc.status == 404:
+            raise FleetError(
+                f"image {image!r} is not present locally and envfleet never pulls; build it with `rollout image build`{where}"
+            ) from exc
+        raise FleetError(f"cannot inspect image {image!r}: {exc.message}") from exc
+    return info
+
+
+def ownership_labels(pool_id: str, expires_at: float) -> dict[str, str]:
+    """The labels that say whose a container or service is and when anyone may remove it."""
+    return {LABEL_POOL: pool_id, LABEL_OWNER: owner_id(), LABEL_USER: _user(), LABEL_EXPIRES: str(int(expires_at))}
+
+
+def lapsed(labels: dict[str, str], now: float, host: str) -> tuple[float, bool, bool]:
+    """From ownership labels: the expiry time, whether it has passed, and whether the owner on ``host`` is gone."""
+    try:
+        expires = float(labels.get(LABEL_EXPIRES, "0"))
+    except ValueError:
+        expires = 0.0
+    pid, _, owner_host = labels.get(LABEL_OWNER, "").partition("@")
+    orphaned = owner_host == host and pid.isdigit() and not _alive(int(pid))
+    return expires, expires <= now, orphaned
+
+
 async def _remove(docker: aiodocker.Docker, container_id: str) -> None:
     """Force-remove a container; one that is already gone or going counts as removed."""
     try:
@@ -154,7 +183,7 @@ class DockerFleet(FleetBackend):
         async with self._stopped_if_start_fails():
             self._docker = await _connect()
             await reap(expired_only=True, docker=self._docker)
-            await self._check_image()
+            await inspect_image(self._docker, self.config.image)
             if self.network == "isolated":
                 await _ensure_isolated_network(self._docker)
             self._http = aiohttp.ClientSession()
@@ -215,18 +244,6 @@ class DockerFleet(FleetBackend):
 
     # -- internals ------------------------------------------------------------
 
-    async def _check_image(self) -> None:
-        assert self._docker is not None
-        try:
-            await self._docker.images.inspect(self.config.image)
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                raise FleetError(
-                    f"image {self.config.image!r} is not present locally and envfleet never pulls; "
-                    "build it with `rollout image build`"
-                ) from exc
-            raise FleetError(f"cannot inspect image {self.config.image!r}: {exc.message}") from exc
-
     def _container_config(self) -> dict[str, Any]:
         cfg = self.config
         memory = parse_memory(cfg.memory)
@@ -239,12 +256,7 @@ class DockerFleet(FleetBackend):
             "Env": env,
             "User": "65534:65534",
             "ExposedPorts": {_PORT_KEY: {}} if self.network == "published" else {},
-            "Labels": {
-                LABEL_POOL: self.pool_id,
-                LABEL_OWNER: owner_id(),
-                LABEL_USER: _user(),
-                LABEL_EXPIRES: str(int(time.time() + lifetime + _KILL_GRACE)),
-            },
+            "Labels": ownership_labels(self.pool_id, time.time() + lifetime + _KILL_GRACE),
             "HostConfig": {
                 **self._network_config(),
                 "ReadonlyRootfs": True,
@@ -456,13 +468,7 @@ async def _log_tail(container: aiodocker.containers.DockerContainer, lines: int 
 
 def _describe(raw: dict[str, Any], now: float, host: str) -> dict[str, Any]:
     labels = raw.get("Labels") or {}
-    try:
-        expires = float(labels.get(LABEL_EXPIRES, "0"))
-    except ValueError:
-        expires = 0.0
-    owner = labels.get(LABEL_OWNER, "")
-    pid, _, owner_host = owner.partition("@")
-    orphaned = owner_host == host and pid.isdigit() and not _alive(int(pid))
+    expires, expired, orphaned = lapsed(labels, now, host)
     url = None
     for port in raw.get("Ports") or ():
         if port.get("PrivatePort") == SERVER_PORT and port.get("PublicPort"):
@@ -475,14 +481,14 @@ def _describe(raw: dict[str, Any], now: float, host: str) -> dict[str, Any]:
         "id": raw["Id"][:12],
         "name": (raw.get("Names") or ["?"])[0].lstrip("/"),
         "pool": labels.get(LABEL_POOL, ""),
-        "owner": owner,
+        "owner": labels.get(LABEL_OWNER, ""),
         "user": labels.get(LABEL_USER, ""),
         "image": raw.get("Image", ""),
         "state": raw.get("State", ""),
         "status": raw.get("Status", ""),
         "url": url,
         "expires": expires,
-        "expired": expires <= now,
+        "expired": expired,
         "orphaned": orphaned,
     }
 

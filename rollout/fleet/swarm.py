@@ -47,17 +47,16 @@ from rollout.config import FleetConfig
 from rollout.errors import FleetError
 from rollout.fleet.base import FleetBackend
 from rollout.fleet.docker import (
-    LABEL_EXPIRES,
-    LABEL_OWNER,
     LABEL_POOL,
     LABEL_USER,
     SERVER_PORT,
-    _alive,
     _connect,
     _log_tail,
     _remove,
     _user,
-    owner_id,
+    inspect_image,
+    lapsed,
+    ownership_labels,
     parse_memory,
 )
 from rollout.fleet.health import wait_healthy
@@ -234,25 +233,12 @@ class SwarmFleet(FleetBackend):
 
     async def _image_id(self) -> str:
         assert self._docker is not None
-        try:
-            info = await self._docker.images.inspect(self.config.image)
-        except aiodocker.DockerError as exc:
-            if exc.status == 404:
-                raise FleetError(
-                    f"image {self.config.image!r} is not present locally and envfleet never pulls; "
-                    "build it with `rollout image build` (and load it on every swarm node)"
-                ) from exc
-            raise FleetError(f"cannot inspect image {self.config.image!r}: {exc.message}") from exc
+        info = await inspect_image(self._docker, self.config.image, " (and load it on every swarm node)")
         return str(info["Id"])
 
     def _labels(self) -> dict[str, str]:
-        return {
-            LABEL_POOL: self.pool_id,
-            LABEL_OWNER: owner_id(),
-            LABEL_USER: _user(),
-            LABEL_EXPIRES: str(int(time.time() + max(1.0, self.config.lifetime))),
-            "envfleet.image": self.config.image,
-        }
+        expires_at = time.time() + max(1.0, self.config.lifetime)
+        return {**ownership_labels(self.pool_id, expires_at), "envfleet.image": self.config.image}
 
     def _task_template(self, image: str) -> dict[str, Any]:
         cfg = self.config
@@ -444,12 +430,7 @@ async def reap_services(*, expired_only: bool = True, docker: aiodocker.Docker |
         for service in services:
             spec = service.get("Spec") or {}
             labels = spec.get("Labels") or {}
-            try:
-                expired = float(labels.get(LABEL_EXPIRES, "0")) <= now
-            except ValueError:
-                expired = True
-            pid, _, owner_host = labels.get(LABEL_OWNER, "").partition("@")
-            orphaned = owner_host == host and pid.isdigit() and not _alive(int(pid))
+            _, expired, orphaned = lapsed(labels, now, host)
             mine = labels.get(LABEL_USER, "") in (user, "")
             if (expired or orphaned) if expired_only else mine:
                 doomed.append((spec.get("Name", service["ID"]), labels.get(LABEL_POOL, "")))
