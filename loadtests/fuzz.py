@@ -296,6 +296,23 @@ class Tally:
             self.examples.append(f"{what}: {repr(data)[:160]}")
 
 
+async def receive(
+    ws: aiohttp.ClientWebSocketResponse, kind: aiohttp.WSMsgType, tally: Tally, surface: str, frame: Any
+) -> aiohttp.WSMessage | None:
+    """The next message answering ``frame``; None, counted as hung or closed, when the connection is done."""
+    try:
+        message = await ws.receive(timeout=REPLY_TIMEOUT)
+    except TimeoutError:
+        tally.hung += 1
+        tally.bad(f"{surface} hung", frame)
+        await ws.close()
+        return None
+    if message.type != kind:
+        tally.closed += 1
+        return None
+    return message
+
+
 async def mux_lane(http: aiohttp.ClientSession, url: str, count: int, rng: random.Random, limit: int, tally: Tally) -> None:
     inputs = MuxInputs(rng, limit)
     ws: aiohttp.ClientWebSocketResponse | None = None
@@ -316,16 +333,8 @@ async def mux_lane(http: aiohttp.ClientSession, url: str, count: int, rng: rando
             ws = None
             continue
         while True:
-            try:
-                message = await ws.receive(timeout=REPLY_TIMEOUT)
-            except TimeoutError:
-                tally.hung += 1
-                tally.bad("mux hung", frame)
-                await ws.close()
-                ws = None
-                break
-            if message.type != aiohttp.WSMsgType.BINARY:
-                tally.closed += 1
+            message = await receive(ws, aiohttp.WSMsgType.BINARY, tally, "mux", frame)
+            if message is None:
                 ws = None
                 break
             replies = msgspec.msgpack.decode(message.data)
@@ -370,16 +379,8 @@ async def ws_lane(http: aiohttp.ClientSession, url: str, count: int, rng: random
             ws = None
             continue
         while True:
-            try:
-                message = await ws.receive(timeout=REPLY_TIMEOUT)
-            except TimeoutError:
-                tally.hung += 1
-                tally.bad("ws hung", frame)
-                await ws.close()
-                ws = None
-                break
-            if message.type != aiohttp.WSMsgType.TEXT:
-                tally.closed += 1
+            message = await receive(ws, aiohttp.WSMsgType.TEXT, tally, "ws", frame)
+            if message is None:
                 ws = None
                 break
             reply = json.loads(message.data)
