@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from rollout.bench import percentile
 from rollout.errors import EnvCrashed
 from rollout.pool import EnvPool, PoolConfig
 
@@ -107,11 +108,8 @@ def make_policy(step_delay: float) -> Any:
     return slow
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+def median(values: list[float]) -> float | None:
+    return percentile(sorted(values), 0.5) if values else None
 
 
 # --------------------------------------------------------------------------- processes
@@ -349,8 +347,8 @@ async def run_chaos(
         crashes_after_break=after_break,
         crashes_unnamed=unnamed,
         fail_fast_max_s=_round(max(fail_fast) if fail_fast else None),
-        fail_fast_p50_s=_round(percentile(fail_fast, 0.5)),
-        recovery_p50_s=_round(percentile(recovery, 0.5)),
+        fail_fast_p50_s=_round(median(fail_fast)),
+        recovery_p50_s=_round(median(recovery)),
         recovery_max_s=_round(max(recovery) if recovery else None),
         leftovers=leftovers,
         failures=failures,

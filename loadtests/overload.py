@@ -25,6 +25,7 @@ from pathlib import Path
 
 import msgspec
 
+from rollout.bench import percentile
 from rollout.client import EnvClient
 from rollout.config import FleetConfig
 from rollout.errors import CapacityReached
@@ -67,10 +68,8 @@ def rss_mb(pid: int) -> float:
 
 
 def quantile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 3)
+    """The ``q`` quantile of ``values`` (seconds) in milliseconds, or None when there are none."""
+    return round(percentile(sorted(values), q) * 1000, 3) if values else None
 
 
 class Stepper:
