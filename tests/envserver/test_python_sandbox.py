@@ -19,23 +19,15 @@ import pytest
 
 from envserver.envs.python_sandbox import PythonSandboxEnv
 from envserver.envs.sandbox_tasks import TASKS
+from envserver.envs.sandbox_worker import proc_stat
 from envserver.errors import ServerError
 from envserver.protocol import ErrorCode, PythonAction, PythonObservation
 
 # --------------------------------------------------------------------------- /proc helpers
 
 
-def _stat(pid: int | str) -> list[bytes]:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return []
-    return stat[stat.rindex(b")") + 2 :].split()  # state, ppid, pgrp, session, ...
-
-
 def _processes() -> dict[int, list[bytes]]:
-    return {int(p): fields for p in os.listdir("/proc") if p.isdigit() and (fields := _stat(p))}
+    return {int(p): fields for p in os.listdir("/proc") if p.isdigit() and (fields := proc_stat(p))}
 
 
 def session_members(sid: int) -> list[int]:
@@ -194,9 +186,9 @@ def test_subprocesses_work_and_escaped_ones_die_with_the_session(make_env: Any) 
     stray = int(obs.stdout)
     env.close()
     deadline = time.monotonic() + 3
-    while _stat(stray) and _stat(stray)[0] != b"Z" and time.monotonic() < deadline:
+    while proc_stat(stray) and proc_stat(stray)[0] != b"Z" and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert not _stat(stray) or _stat(stray)[0] == b"Z"
+    assert not proc_stat(stray) or proc_stat(stray)[0] == b"Z"
 
 
 def test_allocating_10_gb_is_a_memory_error_and_the_session_survives(make_env: Any) -> None:
