@@ -329,7 +329,7 @@ class EnvPool:
             if op == "reset":
                 for index in labels:
                     self.envs[index]._generation = slot.replacements
-            elif any(self.envs[index]._generation != slot.replacements for index in labels):
+            elif slot.replacements and any(self.envs[index]._generation != slot.replacements for index in labels):
                 positions, sids, labels = self._drop_lost(slot, positions, sids, labels, results)
                 if not positions:
                     continue
