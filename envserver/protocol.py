@@ -151,8 +151,8 @@ class OpenSpielObservation(msgspec.Struct, gc=False):
     legal_actions: list[int]
     current_player_id: int
     game_phase: Literal["initial", "playing", "terminal"]
-    info_state: Tensor | None  # information-state tensor, or observation tensor where that is all
-    text: str  # the game's observation string (or state string) for the agent
+    info_state: Tensor | None  # information-state tensor, or observation tensor where that is all; None if not asked for
+    text: str | None  # the game's observation string (or state string) for the agent; None if not asked for
     rewards: list[float]  # every player's reward of the last transition
     returns: list[float]  # every player's return so far
     opponent_last_action: int | None = None

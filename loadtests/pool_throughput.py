@@ -1,13 +1,14 @@
 """EnvPool throughput and step latency over the local backend, OpenSpiel catch, n = 1 .. 4096 sessions.
 
 usage: python loadtests/pool_throughput.py [--sizes 1,16,256,1024,4096] [--servers 2]
-                                           [--seconds 5] [--warmup 1] [--no-uvloop]
+                                           [--seconds 5] [--warmup 1] [--options JSON] [--no-uvloop]
                                            [--out loadtests/out/pool_throughput.json]
 
 Each n gets a fresh ``EnvPool(n, env="openspiel", game="catch", servers=S)``; the per-env
 API (n coroutines each awaiting its own env's ``step``) is measured for every n and the
 batched API (``pool.step`` over each server's envs) for n >= 16, both by ``rollout.bench.measure``,
-which counts full observations (legal actions plus the catch tensor). Each case also records
+which counts full observations (legal actions, the catch tensor and the text rendering;
+``--options '{"text": false}'`` measures tensor-only sessions). Each case also records
 the CPU seconds the client and the servers used, so results from a busy machine can be read
 as steps per CPU second as well as steps per wall second. A case that raises
 is recorded with its error and the run goes on; the exit status is 1 if any case failed.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import sys
@@ -147,11 +149,11 @@ def check_targets(case: Case) -> list[str]:
     return notes
 
 
-async def run_size(n: int, servers: int, seconds: float, warmup: float) -> list[Case]:
+async def run_size(n: int, servers: int, seconds: float, warmup: float, options: dict[str, Any]) -> list[Case]:
     modes = ["per-env", "batched"] if n >= 16 else ["per-env"]
     cases: list[Case] = []
     try:
-        async with EnvPool(n=n, env="openspiel", game="catch", backend="local", servers=servers) as pool:
+        async with EnvPool(n=n, env="openspiel", game="catch", backend="local", servers=servers, options=options) as pool:
             for mode in modes:
                 case = Case(n=n, mode=mode)
                 try:
@@ -200,12 +202,13 @@ async def main_async(args: argparse.Namespace) -> int:
     started = time.time()
     cases: list[Case] = []
     for n in args.sizes:
-        cases += await run_size(n, args.servers, args.seconds, args.warmup)
+        cases += await run_size(n, args.servers, args.seconds, args.warmup, args.options)
     info["loadavg_at_end"] = os.getloadavg()
     report = {
         "benchmark": "pool_throughput",
         "env": "openspiel",
         "game": "catch",
+        "options": args.options,
         "backend": "local",
         "servers": args.servers,
         "seconds_per_case": args.seconds,
@@ -219,6 +222,8 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    if args.options:
+        print(f"session options: {json.dumps(args.options)}")
     print(table(cases))
     print(f"\nmachine: {info['cpus']} vCPU {info['cpu_model']}, load average {info['loadavg_at_start'][0]:.2f} -> "
           f"{info['loadavg_at_end'][0]:.2f}; JSON: {args.out}")
@@ -235,6 +240,7 @@ def main() -> None:
     parser.add_argument("--servers", type=int, default=2, help="local envserver processes")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each case")
+    parser.add_argument("--options", type=json.loads, default={}, help='JSON object of session options, e.g. \'{"text": false}\' (default: none)')
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default loop")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()

@@ -10,9 +10,10 @@ Two paths, each at 1, 64 and 256 sessions:
 * ``ws``: OpenEnv's ``WS /ws``, one connection per session, one JSON step per message.
 
 Latency is per step: from sending the frame (or message) that carries it to receiving its
-reply. Full observations (legal actions plus the 50-float tensor) travel on every step.
+reply. Full observations (legal actions, the 50-float tensor and the text rendering) travel
+on every step; ``--options '{"text": false}'`` measures tensor-only sessions.
 
-    python loadtests/server_throughput.py [--seconds 5]
+    python loadtests/server_throughput.py [--seconds 5] [--options '{"text": false}']
 
 Writes ``loadtests/out/server_throughput.json`` and prints a markdown table.
 """
@@ -250,7 +251,7 @@ def start_server(extra: list[str]) -> tuple[subprocess.Popen[bytes], str]:
 
 async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     global SERVER_PID
-    proc, url = start_server(args.server_arg or [])
+    proc, url = start_server([*(args.server_arg or []), "--env-options", json.dumps(args.options)])
     SERVER_PID = proc.pid
     results = []
     try:
@@ -310,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--depth", type=int, default=2, help="mux frames in flight per connection (default 2)")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--server-arg", action="append", help="extra envserver argument (repeatable)")
+    parser.add_argument("--options", type=json.loads, default={}, help='JSON object of session options, e.g. \'{"text": false}\' (default: none)')
     args = parser.parse_args(argv)
     try:
         import uvloop
@@ -322,11 +324,14 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "server_throughput",
         "command": " ".join(["python", "loadtests/server_throughput.py", *(argv if argv is not None else sys.argv[1:])]),
         "game": "catch",
+        "options": args.options,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_avg_at_end": os.getloadavg()},
         "targets": {f"{k[0]}@{k[1]}": v for k, v in TARGETS.items()},
         "results": results,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
+    if args.options:
+        print(f"session options: {json.dumps(args.options)}")
     print(table(results))
 
 

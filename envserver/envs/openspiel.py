@@ -52,6 +52,8 @@ class GameConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     agent_player: int = 0
     opponent: str = "random"
     action_names: bool = False  # also send the legal actions' names (for people)
+    text: bool = True  # send the text rendering (tensor-only training can skip it: a fifth of catch's server CPU)
+    tensor: bool = True  # send the tensor (text-only agents can skip it)
 
 
 class _Game:
@@ -260,24 +262,25 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         ]
 
     def _observation(self, player: int, phase: str) -> OpenSpielObservation:
-        state, game, agent = self._state, self._game, self._cfg.agent_player
+        state, game, cfg = self._state, self._game, self._cfg
         assert game is not None
+        agent = cfg.agent_player
         self._player = player
         self._over = player == _TERMINAL
         legal = [] if self._over else state.legal_actions(agent)
         returns = state.returns()
         self._legal, self._return = legal, returns[agent]
         tensor = None
-        if game.tensor is not None:
+        if game.tensor is not None and cfg.tensor:
             tensor = Tensor(game.tensor_shape, data=game.tensor(state, agent))
         return OpenSpielObservation(
             legal_actions=legal,
             current_player_id=player,
             game_phase=phase,  # type: ignore[arg-type]
             info_state=tensor,
-            text=game.render(state, agent),
+            text=game.render(state, agent) if cfg.text else None,
             rewards=state.rewards(),
             returns=returns,
             opponent_last_action=self._opponent_last,
-            legal_action_names=[state.action_to_string(agent, a) for a in legal] if self._cfg.action_names else None,
+            legal_action_names=[state.action_to_string(agent, a) for a in legal] if cfg.action_names else None,
         )

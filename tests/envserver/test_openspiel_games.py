@@ -124,6 +124,27 @@ async def test_tensor_matches_pyspiel(catch_server, mux_connect, game_name: str)
         await mux.one("close", seat)
 
 
+async def test_text_and_tensor_can_be_left_out(catch_server, mux_connect) -> None:
+    """``text: false`` / ``tensor: false`` drop just that field; the episode and the rest are the same."""
+    mux = await mux_connect(catch_server)
+    variants = {1: {}, 2: {"text": False}, 3: {"tensor": False}}
+    runs = {}
+    for sid, extra in variants.items():
+        await mux.one("open", sid)
+        runs[sid] = (await play(mux, sid, 9, {"game": "kuhn_poker", **extra}, policy_seed=9))[0]
+    full = runs[1]
+    assert all(b["observation"]["text"] and b["observation"]["info_state"] for b in full)
+    for sid, field in ((2, "text"), (3, "info_state")):
+        assert len(runs[sid]) == len(full)
+        for body, expected in zip(runs[sid], full):
+            assert body["observation"][field] is None
+            body["observation"][field] = expected["observation"][field]
+            assert body == expected
+    for sid in (2, 3):  # a reset without options is back to the server's defaults
+        observation = (await mux.one("reset", sid, 9))["observation"]
+        assert observation["text"] and observation["info_state"]
+
+
 def test_seeded_draws_are_pinned() -> None:
     """Chance and opponent draws for a seed never change (recorded trajectories depend on them)."""
     catch = OpenSpielEnv()
