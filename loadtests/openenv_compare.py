@@ -32,9 +32,8 @@ import aiohttp
 import msgspec
 from openenv.core import GenericEnvClient
 
-from pool_throughput import CpuMeter, CpuUse, machine, measure_with_cpu, sizes  # same directory; this file is run as a script
+from pool_throughput import CpuMeter, CpuUse, machine, run_size, sizes  # same directory; this file is run as a script
 from rollout.bench import BenchResult, StepCounter
-from rollout.pool import EnvPool
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "openenv_compare.json"
@@ -183,20 +182,8 @@ async def compare_size(n: int, openenv: OpenEnvServers, servers: int, seconds: f
     except Exception as exc:
         rows[0].error = f"{type(exc).__name__}: {exc}"
     print(f"  n={n:>4} {line(rows[0])}", file=sys.stderr, flush=True)
-    modes = ["per-env", "batched"] if n >= 16 else ["per-env"]
-    try:
-        async with EnvPool(n=n, env="openspiel", game="catch", backend="local", servers=servers) as pool:
-            for mode in modes:
-                row = Row(n=n, stack=f"envfleet {mode}", servers=servers)
-                try:
-                    row.result, row.cpu = await measure_with_cpu(pool, mode, seconds, warmup)
-                except Exception as exc:
-                    row.error = f"{type(exc).__name__}: {exc}"
-                rows.append(row)
-                print(f"  n={n:>4} {line(row)}", file=sys.stderr, flush=True)
-    except Exception as exc:
-        done = {row.stack for row in rows}
-        rows += [Row(n=n, stack=f"envfleet {m}", servers=servers, error=f"{type(exc).__name__}: {exc}") for m in modes if f"envfleet {m}" not in done]
+    for case in await run_size(n, servers, seconds, warmup, {}):  # pool_throughput's cases, at the same n
+        rows.append(Row(n=n, stack=f"envfleet {case.mode}", servers=servers, result=case.result, cpu=case.cpu, error=case.error))
     base, base_cpu = rows[0].result, rows[0].cpu
     for row in rows[1:]:
         if base is not None and row.result is not None and base.steps_per_s > 0:
