@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from common import write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from rollout.bench import percentile
 from rollout.errors import EnvCrashed
 from rollout.pool import EnvPool, PoolConfig
@@ -395,12 +396,8 @@ async def main() -> int:
         step_delay=args.step_delay, backend=args.backend, seed=args.seed, image=args.image,
         max_episode_retries=args.max_episode_retries,
     )
-    result = {"benchmark": "chaos", "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "load_average": os.getloadavg(), **msgspec.to_builtins(report)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     out = args.out if args.backend == "local" else args.out.with_name(args.out.stem + "_docker.json")
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report("chaos", report, out)
     return 1 if report.failures else 0
 
 

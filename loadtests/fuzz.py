@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from common import write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from envserver.protocol import ErrorCode
 
 OUT = Path(__file__).resolve().parent / "out" / "fuzz.json"
@@ -555,11 +555,7 @@ async def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     report = await run_fuzz(args.inputs, args.seed, args.max_frame_bytes)
-    result = {"benchmark": "fuzz", "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "load_average": os.getloadavg(), **msgspec.to_builtins(report)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report("fuzz", report, args.out)
     return 1 if report.failures else 0
 
 

@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import msgspec
 
+from common import rss_mb, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from rollout.bench import percentile
 from rollout.client import EnvClient
 from rollout.config import FleetConfig
@@ -57,14 +56,6 @@ class OverloadReport(msgspec.Struct):
     server_rss_mb_full: list[float]
     server_rss_mb_end: list[float]
     failures: list[str]
-
-
-def rss_mb(pid: int) -> float:
-    """Resident set size of ``pid`` in MiB (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return 0.0
 
 
 def quantile(values: list[float], q: float) -> float | None:
@@ -212,11 +203,7 @@ async def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     report = await run_overload(args.servers, args.cap, args.requested, args.active, args.seconds)
-    result = {"benchmark": "overload", "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "load_average": os.getloadavg(), **msgspec.to_builtins(report)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_report("overload", report, args.out)
     return 1 if report.failures else 0
 
 

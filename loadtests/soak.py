@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import msgspec
 
+from common import rss_mb, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from rollout.pool import EnvPool
 
 OUT = Path(__file__).resolve().parent / "out" / "soak.json"
@@ -63,13 +63,6 @@ class SoakReport(msgspec.Struct):
     replacements: int
     samples: list[Sample]
     failures: list[str]
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return round(int(line.split()[1]) / 1024, 2)
-    return 0.0
 
 
 def fd_count(pid: int) -> int:
@@ -156,12 +149,7 @@ async def main() -> int:
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     report = await run_soak(args.seconds, args.warmup, args.n, args.servers, args.sample_every)
-    result = {"benchmark": "soak", "command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-              "load_average": os.getloadavg(), **msgspec.to_builtins(report)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    summary = {k: v for k, v in result.items() if k != "samples"}
-    print(json.dumps(summary, indent=2))
+    write_report("soak", report, args.out, print_without=("samples",))
     return 1 if report.failures else 0
 
 
