@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from common import write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
+from common import proc_stat, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from rollout.bench import percentile
 from rollout.errors import EnvCrashed
 from rollout.pool import EnvPool, PoolConfig
@@ -124,13 +124,12 @@ def envserver_pids() -> dict[int, int]:
             continue
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
         if b"envserver" not in cmdline and not any(part.endswith(b"/envserver") for part in cmdline):
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z":
+        fields = proc_stat(int(entry))
+        if fields and fields[0] != "Z":
             found[int(entry)] = int(fields[1])
     return found
 
@@ -141,10 +140,12 @@ def alive_envservers(pids: set[int]) -> list[int]:
     for pid in sorted(pids):
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:
             continue
-        zombie_of_ours = stat[stat.rindex(")") + 2 :].split()[:2] == ["Z", str(os.getpid())]
+        fields = proc_stat(pid)
+        if not fields:
+            continue
+        zombie_of_ours = fields[:2] == ["Z", str(os.getpid())]
         if b"envserver" in cmdline or zombie_of_ours:
             left.append(pid)
     return left

@@ -1,4 +1,4 @@
-"""What the standalone loadtests share: their JSON report, and a process's memory.
+"""What the standalone loadtests share: their JSON report, and what /proc says of a process.
 
 The loadtests run as scripts (``python loadtests/soak.py``), so they import this module as
 ``common``; pytest puts ``loadtests/`` on ``sys.path`` for the tests that import them.
@@ -26,6 +26,21 @@ def write_report(benchmark: str, report: Any, out: Path, *, print_without: tuple
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in print_without}, indent=2))
+
+
+def proc_stat(pid: int) -> list[str]:
+    """Fields of /proc/<pid>/stat after the command name (state, ppid, ...); [] if it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return []
+    return text[text.rindex(")") + 2 :].split()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of ``pid`` so far; 0.0 if it is gone."""
+    fields = proc_stat(pid)
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
 
 
 def rss_mb(pid: int) -> float:

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from common import cpu_seconds  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from rollout.bench import BenchResult, measure
 from rollout.pool import EnvPool
 
@@ -58,22 +59,12 @@ class CpuUse(msgspec.Struct):
 class CpuMeter:
     """Reads this process's CPU time and that of the server processes ``pids`` (Linux /proc)."""
 
-    _tick = os.sysconf("SC_CLK_TCK")
-
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self._client = self._servers = self._wall = 0.0
 
     def _server_seconds(self) -> float:
-        total = 0
-        for pid in self.pids:
-            try:
-                text = Path(f"/proc/{pid}/stat").read_text()
-            except OSError:
-                continue
-            fields = text[text.rindex(")") + 2 :].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-        return total / self._tick
+        return sum(map(cpu_seconds, self.pids))
 
     def start(self) -> None:
         self._client, self._servers, self._wall = time.process_time(), self._server_seconds(), time.perf_counter()

@@ -34,6 +34,7 @@ from typing import Any
 
 import aiohttp
 
+from common import proc_stat  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from envserver.protocol import Close, Open, Reply, Reset, Step, msgpack_decoder, msgpack_encoder
 from rollout.bench import percentile
 
@@ -56,12 +57,8 @@ def interpreters_of(server_pid: int) -> list[int]:
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == server_pid and fields[0] != b"Z":
+            fields = proc_stat(int(name))
+            if fields and int(fields[1]) == server_pid and fields[0] != "Z":
                 found.append(int(name))
     return found
 

@@ -36,6 +36,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from common import cpu_seconds  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from envserver.protocol import Open, Reset, ResetMany, StepMany, msgpack_encoder, mux_reply_decoder
 
 HERE = Path(__file__).resolve().parent
@@ -207,12 +208,6 @@ async def run_ws(http: aiohttp.ClientSession, url: str, sessions: int, seconds: 
 
 
 SERVER_PID = 0  # set by main_async: the server whose CPU time each case reports
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU seconds of process ``pid`` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def measure(tally: Tally, stop: asyncio.Event, tasks: list[asyncio.Task[None]], seconds: float, warmup: float, case: dict[str, Any]) -> dict[str, Any]:
