@@ -4,9 +4,18 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import enum
 from collections.abc import AsyncIterator
 
 from ..errors import FleetError
+
+
+class FleetState(enum.Enum):
+    """Where a backend that starts once and cannot be restarted is in its life (docker, swarm)."""
+
+    NEW = "new"
+    STARTED = "started"
+    STOPPED = "stopped"
 
 
 class FleetBackend(abc.ABC):

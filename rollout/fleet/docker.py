@@ -25,7 +25,6 @@ needs the host to reach container addresses directly (native Linux Docker).
 from __future__ import annotations
 
 import asyncio
-import enum
 import getpass
 import itertools
 import json
@@ -41,7 +40,7 @@ import aiohttp
 
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
-from rollout.fleet.base import FleetBackend
+from rollout.fleet.base import FleetBackend, FleetState
 
 __all__ = ["DockerFleet", "list_containers", "reap"]
 
@@ -59,12 +58,6 @@ _INSPECT_INTERVAL = 5.0  # seconds between state checks, in case a "die" event w
 _DAEMON_GRACE = 10.0  # seconds past the start deadline before a hung daemon call is given up
 _EVENTS_READY_WAIT = 2.0  # seconds to wait for the events stream before creating containers
 _KILL_GRACE = 10  # seconds between the lifetime's SIGTERM and SIGKILL
-
-
-class _State(enum.Enum):
-    NEW = "new"
-    STARTED = "started"
-    STOPPED = "stopped"
 
 
 def owner_id() -> str:
@@ -153,7 +146,7 @@ class DockerFleet(FleetBackend):
         self.pool_id = pool_id or secrets.token_hex(6)
         #: Bearer token the servers require; random unless the config names one.
         self.token: str | None = config.token if config.token is not None else secrets.token_urlsafe(24)
-        self._state = _State.NEW
+        self._state = FleetState.NEW
         self._docker: aiodocker.Docker | None = None
         self._http: aiohttp.ClientSession | None = None
         self._watcher: asyncio.Task[None] | None = None
@@ -177,9 +170,9 @@ class DockerFleet(FleetBackend):
         return f"container {name} ({url})" if name else url
 
     async def start(self) -> list[str]:
-        if self._state is not _State.NEW:
+        if self._state is not FleetState.NEW:
             raise FleetError(f"this DockerFleet was already {self._state.value}; make a new one")
-        self._state = _State.STARTED
+        self._state = FleetState.STARTED
         async with self._stopped_if_start_fails():
             self._docker = await _connect()
             await reap(expired_only=True, docker=self._docker)
@@ -201,7 +194,7 @@ class DockerFleet(FleetBackend):
         return self.urls
 
     async def replace(self, url: str) -> str:
-        if self._state is not _State.STARTED or self._docker is None:
+        if self._state is not FleetState.STARTED or self._docker is None:
             raise FleetError(f"cannot replace {url}: the fleet is {self._state.value}")
         container_id = self._ids.pop(url, None)
         self._names.pop(url, None)
@@ -211,7 +204,7 @@ class DockerFleet(FleetBackend):
         return await self._start_one(time.monotonic() + self.config.start_timeout)
 
     async def stop(self) -> None:
-        self._state = _State.STOPPED
+        self._state = FleetState.STOPPED
         docker, self._docker = self._docker, None
         if docker is None:
             return

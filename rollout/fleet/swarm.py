@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import enum
 import json
 import secrets
 import socket
@@ -45,7 +44,7 @@ import aiohttp
 
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
-from rollout.fleet.base import FleetBackend
+from rollout.fleet.base import FleetBackend, FleetState
 from rollout.fleet.docker import (
     LABEL_POOL,
     LABEL_USER,
@@ -69,12 +68,6 @@ _SETTLED_POLLS = 3  # polls in a row without a new task before replace() shares 
 _STOP_WAIT = 60.0  # seconds stop() waits for the service's containers to go
 _STOP_GRACE_NS = 5_000_000_000  # SIGTERM -> SIGKILL of a task container
 _RESTART_DELAY_NS = 200_000_000  # delay before the swarm restarts a dead task
-
-
-class _State(enum.Enum):
-    NEW = "new"
-    STARTED = "started"
-    STOPPED = "stopped"
 
 
 async def check_manager(docker: aiodocker.Docker) -> dict[str, Any]:
@@ -107,7 +100,7 @@ class SwarmFleet(FleetBackend):
         self.service_name = f"envfleet-{self.pool_id}"
         #: Bearer token the servers require; always set, as swarm publishes on every interface.
         self.token: str = config.token or secrets.token_urlsafe(24)
-        self._state = _State.NEW
+        self._state = FleetState.NEW
         self._docker: aiodocker.Docker | None = None
         self._http: aiohttp.ClientSession | None = None
         self._service_id: str | None = None
@@ -130,9 +123,9 @@ class SwarmFleet(FleetBackend):
         return f"swarm task {self.service_name}.{task['slot']} ({url})"
 
     async def start(self) -> list[str]:
-        if self._state is not _State.NEW:
+        if self._state is not FleetState.NEW:
             raise FleetError(f"this SwarmFleet was already {self._state.value}; make a new one")
-        self._state = _State.STARTED
+        self._state = FleetState.STARTED
         async with self._stopped_if_start_fails():
             self._docker = await _connect()
             swarm = await check_manager(self._docker)
@@ -147,7 +140,7 @@ class SwarmFleet(FleetBackend):
 
     async def replace(self, url: str) -> str:
         """Return the URL of the task the swarm runs instead of ``url``'s (or a survivor after a scale-down)."""
-        if self._state is not _State.STARTED or self._docker is None:
+        if self._state is not FleetState.STARTED or self._docker is None:
             raise FleetError(f"cannot replace {url}: the fleet is {self._state.value}")
         self._users[url] -= 1
         if self._users[url] <= 0:
@@ -172,7 +165,7 @@ class SwarmFleet(FleetBackend):
                     await self._probe(candidate, min(deadline, time.monotonic() + _PROBE_SLICE))
                 except TimeoutError:
                     continue
-                if candidate in self._users or self._state is not _State.STARTED:
+                if candidate in self._users or self._state is not FleetState.STARTED:
                     continue  # another replace() took it meanwhile
                 return self._adopt(task)
             settled = 0 if self._more_coming(tasks) else settled + 1
@@ -190,7 +183,7 @@ class SwarmFleet(FleetBackend):
 
     async def stop(self) -> None:
         """Remove the service and wait (bounded) until its task containers are gone."""
-        self._state = _State.STOPPED
+        self._state = FleetState.STOPPED
         docker, self._docker = self._docker, None
         if docker is None:
             return
@@ -208,7 +201,7 @@ class SwarmFleet(FleetBackend):
 
     async def scale(self, replicas: int) -> None:
         """Set the service's replica count (the pool keeps its sessions on the survivors)."""
-        if self._state is not _State.STARTED or self._docker is None or self._service_id is None:
+        if self._state is not FleetState.STARTED or self._docker is None or self._service_id is None:
             raise FleetError(f"cannot scale: the fleet is {self._state.value}")
         if replicas < 1:
             raise FleetError("a swarm pool needs at least one replica")
