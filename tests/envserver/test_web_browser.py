@@ -8,7 +8,6 @@ pointed at that binary: no browser is downloaded. Without them the tests skip, e
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +16,8 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+
+from tests.conftest import skip_or_fail
 
 pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
@@ -43,10 +44,7 @@ def require_browser() -> None:
         missing.append("Playwright for Python (pip install -e '.[test]')")
     if not missing:
         return
-    reason = "the browser tests need " + " and ".join(missing)
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{reason}; CI=true, so this is a failure, not a skip", pytrace=False)
-    pytest.skip(reason)
+    skip_or_fail("the browser tests need " + " and ".join(missing))
 
 
 @pytest.fixture(scope="module")

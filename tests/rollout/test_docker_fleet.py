@@ -32,7 +32,9 @@ from rollout.fleet.docker import (
     reap,
 )
 
-from .docker_support import IMAGE, IN_CI, docker_unavailable
+from tests.conftest import skip_or_fail
+
+from .docker_support import IMAGE, docker_unavailable
 
 pytestmark = pytest.mark.docker
 
@@ -50,9 +52,7 @@ def docker_daemon():
     """Skip (or, in CI, fail) when the daemon or the image is missing; at the end, check nothing is left."""
     reason = asyncio.run(docker_unavailable())
     if reason is not None:
-        if IN_CI:
-            pytest.fail(f"CI=true but the Docker tests cannot run: {reason}")
-        pytest.skip(f"{reason}; the Docker tests run in CI")
+        skip_or_fail(f"the Docker tests cannot run: {reason}")
     yield
     left = asyncio.run(_labelled(f"{LABEL_OWNER}={OWNER}"))
     assert left == [], f"containers left behind by this test session: {[c['Name'] for c in left]}"

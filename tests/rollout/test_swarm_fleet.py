@@ -28,7 +28,9 @@ from rollout.errors import EnvCrashed, FleetError
 from rollout.fleet.docker import LABEL_EXPIRES, LABEL_OWNER, LABEL_POOL
 from rollout.fleet.swarm import SwarmFleet, reap_services
 
-from .docker_support import IMAGE, IN_CI, docker_unavailable
+from tests.conftest import skip_or_fail
+
+from .docker_support import IMAGE, docker_unavailable
 
 pytestmark = pytest.mark.docker
 
@@ -81,9 +83,7 @@ def swarm():
     """A single-node swarm on 127.0.0.1 for this module; nothing of it is left afterwards."""
     reason = asyncio.run(docker_unavailable())
     if reason is not None:
-        if IN_CI:
-            pytest.fail(f"CI=true but the swarm tests cannot run: {reason}")
-        pytest.skip(f"{reason}; the swarm tests run in CI")
+        skip_or_fail(f"the swarm tests cannot run: {reason}")
     ours = asyncio.run(_swarm_state()) == "inactive"
     try:
         if ours:
@@ -119,9 +119,7 @@ async def _assert_gone(pool_id: str) -> None:
 async def test_not_a_swarm_manager_is_a_fleet_error():
     reason = await docker_unavailable()
     if reason is not None:
-        if IN_CI:
-            pytest.fail(f"CI=true but the swarm tests cannot run: {reason}")
-        pytest.skip(reason)
+        skip_or_fail(f"the swarm tests cannot run: {reason}")
     if await _swarm_state() != "inactive":
         pytest.skip("this node is in a swarm already")
     fleet = SwarmFleet(_config())
