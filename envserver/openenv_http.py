@@ -178,12 +178,12 @@ def _http_key(key: str) -> str:
 
 async def _reset(server: EnvServer, session: Session, body: HttpResetRequest) -> Any:
     result = await server.reset(session, body.seed, body.options)
-    return openenv_result(server, session, result, after_reset=True)
+    return openenv_result(session, result, after_reset=True)
 
 
 async def _step(server: EnvServer, session: Session, body: HttpStepRequest) -> Any:
     result = await server.step(session, body.action)
-    return openenv_result(server, session, result, after_reset=False)
+    return openenv_result(session, result, after_reset=False)
 
 
 async def _stateless(server: EnvServer, call: Any) -> Response:

@@ -10,16 +10,13 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .errors import ServerError
 from .mcp import handle_jsonrpc
-from .protocol import ErrorCode, OpenEnvResult, json_encoder, ws_message_decoder
+from .protocol import ErrorCode, HttpResetRequest, OpenEnvResult, json_encoder, ws_message_decoder
 from .server import EnvServer, coded
 from .sessions import Session
 
 log = logging.getLogger("envserver.ws")
 
-RESET_KEYS = ("seed", "options")
-
-
-def openenv_result(server: EnvServer, session: Session, result: Any, *, after_reset: bool) -> OpenEnvResult:
+def openenv_result(session: Session, result: Any, *, after_reset: bool) -> OpenEnvResult:
     """OpenEnv's shape of a step result: reward and done next to the observation."""
     observation = session.env.openenv_observation(result.observation)
     return OpenEnvResult(observation, None if after_reset else result.reward, result.terminated or result.truncated)
@@ -81,26 +78,20 @@ async def _serve(server: EnvServer, session: Session, websocket: WebSocket) -> N
 async def _answer(server: EnvServer, session: Session, kind: str, data: dict[str, Any]) -> dict[str, Any]:
     match kind:
         case "reset":
-            kwargs = {k: data[k] for k in RESET_KEYS if k in data}  # other keys are dropped, as OpenEnv does
-            _check_reset_args(kwargs)
-            result = await server.reset(session, kwargs.get("seed"), kwargs.get("options"))
-            return {"type": "observation", "data": openenv_result(server, session, result, after_reset=True)}
+            try:
+                args = msgspec.convert(data, HttpResetRequest)  # the HTTP body's fields; others are dropped, as OpenEnv does
+            except msgspec.ValidationError as exc:
+                raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad reset data: {exc}") from None
+            result = await server.reset(session, args.seed, args.options)
+            return {"type": "observation", "data": openenv_result(session, result, after_reset=True)}
         case "step":
             result = await server.step(session, data)
-            return {"type": "observation", "data": openenv_result(server, session, result, after_reset=False)}
+            return {"type": "observation", "data": openenv_result(session, result, after_reset=False)}
         case "state":
             return {"type": "state", "data": await server.state(session)}
         case "mcp":
             return {"type": "mcp", "data": await handle_jsonrpc(server, session, data)}
     raise ServerError(ErrorCode.UNKNOWN_TYPE, f"unknown message type {kind!r}; expected reset, step, state, close or mcp")
-
-
-def _check_reset_args(kwargs: dict[str, Any]) -> None:
-    seed, options = kwargs.get("seed"), kwargs.get("options")
-    if seed is not None and type(seed) is not int:
-        raise ServerError(ErrorCode.VALIDATION_ERROR, f"seed must be an integer, got {type(seed).__name__}")
-    if options is not None and not isinstance(options, dict):
-        raise ServerError(ErrorCode.VALIDATION_ERROR, "options must be an object")
 
 
 async def _send_error(websocket: WebSocket, error: ServerError) -> None:

@@ -42,9 +42,6 @@ class EnvServer:
         env_class = envs.load(env)
         return self.sessions.open(key, env_class, **(options or {}))
 
-    def env_class_of(self, session: Session) -> type[Environment]:  # type: ignore[type-arg]
-        return type(session.env)
-
     async def reset(self, session: Session, seed: int | None, options: dict[str, Any] | None) -> Any:
         self.stats.resets += 1
         return await session.call(session.env.reset, seed=seed, options=options)
