@@ -127,11 +127,6 @@ def _registered() -> frozenset[str]:
     return frozenset(pyspiel.registered_names())
 
 
-def game_names() -> list[str]:
-    """Every game name pyspiel registers."""
-    return sorted(_registered())
-
-
 class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielState]):
     name = "openspiel"
     description = "OpenSpiel games (catch, tic_tac_toe, kuhn_poker, ...) against a built-in opponent."
