@@ -92,7 +92,7 @@ class Tensor(msgspec.Struct, array_like=True, frozen=True, gc=False):
 
     def tolist(self) -> list[float]:
         """The flat values as Python numbers."""
-        values = array(_TYPECODES[self.dtype])
+        values: array[Any] = array(_TYPECODES[self.dtype])
         values.frombytes(self.data)
         return values.tolist()
 

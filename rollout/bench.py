@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .pool import EnvPool
+from .telemetry import Counts
 
 if TYPE_CHECKING:
     from .telemetry import Telemetry
@@ -58,14 +59,8 @@ def _pick(rng: random.Random) -> Callable[[Any], Any]:
     return pick
 
 
-class StepCounter:
+class StepCounter(Counts):
     """Running totals of one measured run; ``result`` turns them into a ``BenchResult``."""
-
-    def __init__(self) -> None:
-        self.steps = 0
-        self.episodes = 0
-        self.errors = 0
-        self.latencies: list[float] = []
 
     def result(self, mode: str, n: int, servers: int, elapsed: float) -> BenchResult:
         latencies = sorted(self.latencies)

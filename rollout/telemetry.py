@@ -13,27 +13,20 @@ does I/O or takes time on the hot path: bench hands over the counter it already 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .pool import EnvPool, EpisodeRecord
 
 
-class Counter(Protocol):
-    """Running totals of a command: bench's ``StepCounter`` has this shape."""
+class Counts:
+    """Running totals of a command (bench's ``StepCounter`` is one)."""
 
-    steps: int
-    episodes: int
-    errors: int
-    latencies: list[float]  # seconds, appended as they are measured
-
-
-class _Counts:
     def __init__(self) -> None:
         self.steps = 0
         self.episodes = 0
         self.errors = 0
-        self.latencies: list[float] = []
+        self.latencies: list[float] = []  # seconds, appended as they are measured
 
 
 class Totals:
@@ -62,7 +55,7 @@ class Telemetry:
         self.eval_started: float | None = None
         self._eval_done_at_start = 0
         self.started = time.monotonic()
-        self._counter: Counter = _Counts()
+        self._counter = Counts()
         self._base = (0, 0, 0)  # totals of counters watched before the current one
         self._read = 0  # latencies of the current counter already handed out by ``take``
 
@@ -70,7 +63,7 @@ class Telemetry:
         """Show ``pool``'s servers (scraped with its backend's token)."""
         self.pool = pool
 
-    def watch(self, counter: Counter, phase: str) -> None:
+    def watch(self, counter: Counts, phase: str) -> None:
         """Count what ``counter`` counts from now on; totals keep what earlier counters counted."""
         old = self._counter
         steps, episodes, errors = self._base
@@ -81,7 +74,7 @@ class Telemetry:
 
     def start_eval(self, total: int, done: int = 0) -> None:
         """An evaluation of ``total`` episodes begins, ``done`` of them already recorded (resumed)."""
-        self.watch(_Counts(), "eval")
+        self.watch(Counts(), "eval")
         self.latency_kind = "episode"
         self.eval_total = total
         self.eval_done = self._eval_done_at_start = done
