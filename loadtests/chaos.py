@@ -129,7 +129,7 @@ def envserver_pids() -> dict[int, int]:
         if b"envserver" not in cmdline and not any(part.endswith(b"/envserver") for part in cmdline):
             continue
         fields = proc_stat(int(entry))
-        if fields and fields[0] != "Z":
+        if fields and fields[0] != b"Z":
             found[int(entry)] = int(fields[1])
     return found
 
@@ -145,7 +145,7 @@ def alive_envservers(pids: set[int]) -> list[int]:
         fields = proc_stat(pid)
         if not fields:
             continue
-        zombie_of_ours = fields[:2] == ["Z", str(os.getpid())]
+        zombie_of_ours = fields[:2] == [b"Z", str(os.getpid()).encode()]
         if b"envserver" in cmdline or zombie_of_ours:
             left.append(pid)
     return left

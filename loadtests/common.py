@@ -15,6 +15,8 @@ from typing import Any
 
 import msgspec
 
+from envserver.envs.sandbox_worker import proc_stat  # fields of /proc/<pid>/stat after the command name, as bytes
+
 
 def write_report(benchmark: str, report: Any, out: Path, *, print_without: tuple[str, ...] = ()) -> None:
     """Write ``report`` (a msgspec Struct) with what produced it and when as JSON to ``out``, and print it.
@@ -26,15 +28,6 @@ def write_report(benchmark: str, report: Any, out: Path, *, print_without: tuple
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in print_without}, indent=2))
-
-
-def proc_stat(pid: int) -> list[str]:
-    """Fields of /proc/<pid>/stat after the command name (state, ppid, ...); [] if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return []
-    return text[text.rindex(")") + 2 :].split()
 
 
 def cpu_seconds(pid: int) -> float:

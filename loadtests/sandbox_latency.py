@@ -58,7 +58,7 @@ def interpreters_of(server_pid: int) -> list[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
             fields = proc_stat(int(name))
-            if fields and int(fields[1]) == server_pid and fields[0] != "Z":
+            if fields and int(fields[1]) == server_pid and fields[0] != b"Z":
                 found.append(int(name))
     return found
 
