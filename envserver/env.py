@@ -19,6 +19,8 @@ class Environment(abc.ABC, Generic[A, O, S]):
     Subclasses declare their wire types (``Action``, ``Observation``, ``State``
     msgspec Structs), a ``name`` and a ``description``. ``blocking = True`` makes
     the server call them in a worker thread instead of on the event loop.
+    ``session_options`` names the options a client may set per session (in ``open`` and
+    ``reset``); the server refuses any other, which only its operator may set.
     Errors meant for the client are raised as ``ServerError`` with a code.
     """
 
@@ -28,6 +30,7 @@ class Environment(abc.ABC, Generic[A, O, S]):
     Observation: ClassVar[type]
     State: ClassVar[type]
     blocking: ClassVar[bool] = False
+    session_options: ClassVar[frozenset[str]] = frozenset()  # client-settable options; the rest is the operator's
     tools: ClassVar[dict[str, str]] = {}  # MCP tools this environment offers: name -> description
 
     @abc.abstractmethod

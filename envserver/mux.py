@@ -209,7 +209,7 @@ class MuxConnection:
                 elif stepping:
                     results.append(env.step(env.parse_action(args[index])))
                 else:
-                    results.append(env.reset(seed=args[index], options=options))
+                    results.append(self.server.reset_now(env, args[index], options))
             except Exception as exc:
                 results.append(None)
                 failures[index] = self._failure(exc)
@@ -247,7 +247,7 @@ class MuxConnection:
         match request:
             case Reset(seed=seed, options=options):
                 self.server.stats.resets += 1
-                return env.reset(seed=seed, options=options)
+                return self.server.reset_now(env, seed, options)
             case GetState():
                 return env.state()
             case Close():

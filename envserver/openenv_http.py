@@ -2,7 +2,8 @@
 
 ``/reset``, ``/step`` and ``/state`` are stateless as in OpenEnv (a fresh environment
 per request) unless the request names a session in the ``X-Session-Id`` header; then
-``/reset`` opens that session if needed and the others use it.
+``/reset`` opens that session if needed and the others use it. ``?env=NAME`` picks one of
+the environments the server serves for a new session (default: the first).
 """
 
 from __future__ import annotations
@@ -117,11 +118,11 @@ async def reset(request: Request) -> Response:
     body: HttpResetRequest = await read_json(request, HttpResetRequest)
     key = request.headers.get(SESSION_HEADER)
     if key is None:
-        return await _stateless(server, lambda s: _reset(server, s, body))
+        return await _stateless(request, lambda s: _reset(server, s, body))
     try:
         session = server.sessions.get(_http_key(key))
     except ServerError:
-        session = server.open_session(_http_key(key))
+        session = server.open_session(_http_key(key), _env_of(request))
     return json_response(await _reset(server, session, body), headers={SESSION_HEADER: key})
 
 
@@ -136,7 +137,7 @@ async def step(request: Request) -> Response:
             await server.reset(session, None, None)
             return await _step(server, session, body)
 
-        return await _stateless(server, fresh_step)
+        return await _stateless(request, fresh_step)
     session = server.sessions.get(_http_key(key))
     return json_response(await _step(server, session, body), headers={SESSION_HEADER: key})
 
@@ -146,7 +147,7 @@ async def state(request: Request) -> Response:
     server = _server(request)
     key = request.headers.get(SESSION_HEADER)
     if key is None:
-        return await _stateless(server, server.state)
+        return await _stateless(request, server.state)
     return json_response(await server.state(server.sessions.get(_http_key(key))))
 
 
@@ -186,8 +187,14 @@ async def _step(server: EnvServer, session: Session, body: HttpStepRequest) -> A
     return openenv_result(session, result, after_reset=False)
 
 
-async def _stateless(server: EnvServer, call: Any) -> Response:
-    session = server.open_session()
+def _env_of(request: Request) -> str | None:
+    """The environment a new session of ``request`` is for (``?env=``; None: the default)."""
+    return request.query_params.get("env")
+
+
+async def _stateless(request: Request, call: Any) -> Response:
+    server = _server(request)
+    session = server.open_session(None, _env_of(request))
     try:
         return json_response(await call(session))
     finally:

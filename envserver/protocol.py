@@ -41,6 +41,7 @@ class ErrorCode(enum.StrEnum):
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"  # frame or body over the configured limit
     UNAUTHORIZED = "UNAUTHORIZED"  # missing or wrong bearer token
     NOT_FOUND = "NOT_FOUND"  # unknown route or environment
+    FORBIDDEN = "FORBIDDEN"  # an environment this server does not serve, or a foreign Origin
 
     @property
     def http_status(self) -> int:
@@ -65,6 +66,7 @@ _HTTP_STATUS = {
     ErrorCode.FRAME_TOO_LARGE: 413,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.FORBIDDEN: 403,
 }
 
 

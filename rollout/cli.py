@@ -116,7 +116,7 @@ def _fleet_parser(commands: Any) -> None:
     k8s = sub.add_parser("k8s-manifest", help="print Kubernetes manifests of a fleet (Deployment, headless Service, ...)")
     k8s.add_argument("--replicas", type=int, default=2, help="pods (default: 2)")
     k8s.add_argument("--image", default="envfleet:latest", help="server image (default: envfleet:latest)")
-    k8s.add_argument("--token", help="bearer token to put in the Secret (default: a placeholder to replace)")
+    k8s.add_argument("--token", help="also emit a Secret holding this bearer token (default: no Secret; create it with kubectl, see the README)")
     k8s.add_argument("--name", default="envfleet", help="name of the Deployment and Service (default: envfleet)")
     k8s.add_argument("--env", default="openspiel", help="environment name (default: openspiel)")
     k8s.add_argument("--game", default="catch", help="OpenSpiel game (default: catch)")

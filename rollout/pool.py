@@ -232,7 +232,7 @@ class EnvPool:
         return await client.connect()
 
     async def _open_sessions(self, client: EnvClient, envs: list[Env]) -> None:
-        options = self.fleet_config.env_options
+        options = self.fleet_config.open_options()
         await asyncio.gather(*(client.open(env.sid, None, options, label=env.index) for env in envs))
 
     async def _watch(self, slot: _Slot) -> None:

@@ -235,8 +235,8 @@ main()
 
 @pytest.fixture(scope="session")
 def test_envs_server(shared_server: ServerFactory) -> ServerProcess:
-    """A server whose default env is ``faulty``, that also offers ``slow_echo`` (see above)."""
-    return shared_server("--env", "faulty", script=TEST_ENVS_SCRIPT)
+    """A server whose default env is ``faulty``, that also serves ``slow_echo`` (see above)."""
+    return shared_server("--env", "faulty", "--env", "slow_echo", script=TEST_ENVS_SCRIPT)
 
 
 @pytest.fixture

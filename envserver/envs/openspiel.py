@@ -133,6 +133,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
     Action = OpenSpielAction
     Observation = OpenSpielObservation
     State = OpenSpielState
+    session_options = frozenset({"game", "params", "agent_player", "opponent", "action_names", "text", "tensor"})
 
     def __init__(self, **options: Any) -> None:
         self._defaults = self._config(options, GameConfig())

@@ -76,6 +76,7 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
     Observation = PythonObservation
     State = PythonState
     blocking = True
+    session_options = frozenset({"task", "max_steps"})
 
     def __init__(self, **options: Any) -> None:
         try:

@@ -13,6 +13,11 @@ no-new-privileges and pids/memory/CPU limits, and carries the labels
 The command is wrapped in ``timeout`` so a container also ends by itself
 after ``FleetConfig.lifetime`` seconds, even if nobody reaps it.
 
+The servers require a bearer token (random per pool unless the config names one).
+It reaches each server through the container's standard input, attached once
+(``--token-file -``, ``StdinOnce``): not in the container's environment or
+command, which ``docker inspect`` and code inside the container could read.
+
 Networking: by default each server is published on 127.0.0.1 and the
 container sits on Docker's default bridge, so code inside it can reach other
 hosts. With ``network="isolated"`` the containers join an internal bridge
@@ -40,7 +45,7 @@ import aiohttp
 
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
-from rollout.fleet.base import FleetBackend, FleetState
+from rollout.fleet.base import FleetBackend, FleetState, pool_token
 
 __all__ = ["DockerFleet", "list_containers", "reap"]
 
@@ -145,7 +150,7 @@ class DockerFleet(FleetBackend):
         self.network = network
         self.pool_id = pool_id or secrets.token_hex(6)
         #: Bearer token the servers require; random unless the config names one.
-        self.token: str | None = config.token if config.token is not None else secrets.token_urlsafe(24)
+        self.token: str = pool_token(config)
         self._state = FleetState.NEW
         self._docker: aiodocker.Docker | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -241,12 +246,13 @@ class DockerFleet(FleetBackend):
         cfg = self.config
         memory = parse_memory(cfg.memory)
         lifetime = max(1, int(cfg.lifetime))
-        command = ["envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), *cfg.server_args()]
-        env = [f"ENVSERVER_TOKEN={self.token}"] if self.token else []
+        command = ["envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--token-file", "-", *cfg.server_args()]
         return {
             "Image": cfg.image,
             "Cmd": ["timeout", "-k", str(_KILL_GRACE), str(lifetime), *command],
-            "Env": env,
+            "AttachStdin": True,
+            "OpenStdin": True,
+            "StdinOnce": True,  # stdin closes once the token is written
             "User": "65534:65534",
             "ExposedPorts": {_PORT_KEY: {}} if self.network == "published" else {},
             "Labels": ownership_labels(self.pool_id, time.time() + lifetime + _KILL_GRACE),
@@ -301,7 +307,7 @@ class DockerFleet(FleetBackend):
                 async with self._creating:
                     try:
                         container = await self._create(name)
-                        await container.start()
+                        await self._start_with_token(container)
                         info = await container.show()
                     except aiodocker.DockerError as exc:
                         raise FleetError(f"cannot start container {name}: {exc.message}") from exc
@@ -322,6 +328,16 @@ class DockerFleet(FleetBackend):
         self._ids[url] = container.id
         self._names[url] = name
         return url
+
+    async def _start_with_token(self, container: aiodocker.containers.DockerContainer) -> None:
+        """Start the container and write the token as the first line of its standard input."""
+        stream = container.attach(stdin=True)
+        try:
+            async with stream:  # attached before the start, so no byte of stdin is lost
+                await container.start()
+                await stream.write_in(self.token.encode() + b"\n")
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+            raise FleetError(f"cannot hand the token to container {container.id[:12]}: {exc}") from exc
 
     async def _wait_healthy(
         self, container: aiodocker.containers.DockerContainer, name: str, url: str, deadline: float

@@ -271,12 +271,13 @@ async def test_bad_game_options(catch_server, mux_connect, options: dict, words:
     await mux.one("open", 2)  # the failed open did not take the id
 
 
-async def test_unknown_environment(catch_server, mux_connect) -> None:
+async def test_environment_not_served(catch_server, mux_connect) -> None:
     mux = await mux_connect(catch_server)
-    (reply,) = await mux.call(mux.req("open", 1, "no_such_env"))
-    assert error_code(reply) == ErrorCode.NOT_FOUND
-    assert "echo" in reply.body["message"]  # lists the known ones
-    assert (await mux.one("open", 1, "echo"))["env"] == "echo"
+    for env in ("no_such_env", "echo"):  # unknown, or known but not what the operator named
+        (reply,) = await mux.call(mux.req("open", 1, env))
+        assert error_code(reply) == ErrorCode.FORBIDDEN
+        assert repr(env) in reply.body["message"] and "openspiel" in reply.body["message"]  # names what it serves
+    assert (await mux.one("open", 1, "openspiel"))["env"] == "openspiel"
 
 
 async def test_oversized_frame(spawn_server, mux_connect) -> None:
