@@ -103,8 +103,9 @@ def test_unknown_env_is_not_found() -> None:
     assert info.value.code == ErrorCode.NOT_FOUND
 
 
-async def test_every_registered_env_over_the_mux(catch_server, mux_connect) -> None:
-    mux = await mux_connect(catch_server)
+async def test_every_registered_env_over_the_mux(shared_server, mux_connect) -> None:
+    serve_all = [arg for name in envs.names() for arg in ("--env", name)]
+    mux = await mux_connect(shared_server(*serve_all))
     for sid, name in enumerate(envs.names()):
         assert await mux.one("open", sid, name) == {"sid": sid, "env": name}
         body = await mux.one("reset", sid, 1)

@@ -266,7 +266,8 @@ async def test_bad_game_options(catch_server, mux_connect, options: dict, words:
     if "agent_player" in options:
         return  # the seat is checked against the game at reset, not at open
     (reply,) = await mux.call(mux.req("open", 2, None, options))
-    assert error_code(reply) == ErrorCode.FACTORY_ERROR
+    # An option no client may set is refused before any environment is made; a bad value fails the make.
+    assert error_code(reply) == (ErrorCode.VALIDATION_ERROR if "colour" in options else ErrorCode.FACTORY_ERROR)
     assert words in reply.body["message"]
     await mux.one("open", 2)  # the failed open did not take the id
 
