@@ -195,6 +195,9 @@ class EnvClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             await self._http.close()
             self.state = ClientState.BROKEN
+            if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status in (401, 403):  # a wrong token or Origin
+                code = "UNAUTHORIZED" if exc.status == 401 else "FORBIDDEN"
+                raise from_reply(code, f"the server refused the connection (HTTP {exc.status})", server=self.url) from exc
             raise EnvCrashed(f"cannot connect: {exc!r}", server=self.url) from exc
         self.state = ClientState.OPEN
         self._loop = asyncio.get_running_loop()

@@ -434,6 +434,23 @@ async def _remove_secrets(docker: aiodocker.Docker, pool_id: str) -> None:
             raise FleetError(f"cannot remove the token secret of pool {pool_id}: {exc.message}") from exc
 
 
+async def _reap_secrets(docker: aiodocker.Docker, expired_only: bool, now: float, host: str, user: str) -> None:
+    """Remove token secrets left without their service (say, by a crash between the two creations)."""
+    try:
+        found = await docker.secrets.list(filters={"label": [LABEL_POOL]})
+    except aiodocker.DockerError as exc:
+        raise FleetError(f"cannot list envfleet secrets: {exc.message}") from exc
+    for secret in found:
+        labels = (secret.get("Spec") or {}).get("Labels") or {}
+        _, expired, orphaned = lapsed(labels, now, host)
+        if (expired or orphaned) if expired_only else labels.get(LABEL_USER, "") in (user, ""):
+            try:
+                await docker.secrets.delete(secret["ID"])
+            except aiodocker.DockerError as exc:
+                if exc.status not in (400, 404):  # 400: a live service still uses it
+                    raise FleetError(f"cannot remove secret {secret['ID'][:12]}: {exc.message}") from exc
+
+
 async def reap_services(*, expired_only: bool = True, docker: aiodocker.Docker | None = None) -> list[str]:
     """Remove leftover envfleet swarm services; return their names.
 
@@ -472,6 +489,7 @@ async def reap_services(*, expired_only: bool = True, docker: aiodocker.Docker |
         for _, pool_id in doomed:
             if pool_id:
                 await _remove_secrets(client, pool_id)
+        await _reap_secrets(client, expired_only, now, host, user)
         return [name for name, _ in doomed]
     finally:
         if own:
