@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
-import ipaddress
 import json
 import logging
 import os
@@ -66,6 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> Any:
     """The ServerConfig the arguments describe; ValueError on a contradiction (one line for the user)."""
+    from .auth import is_loopback
     from .config import ServerConfig
 
     envs = tuple(args.env or ["openspiel"])
@@ -101,16 +101,6 @@ def build_config(args: argparse.Namespace) -> Any:
         web=not args.no_web,
         lifetime=args.lifetime,
     )
-
-
-def is_loopback(host: str) -> bool:
-    """Whether binding ``host`` serves this machine only."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def read_token(path: str, timeout: float = TOKEN_WAIT) -> str:

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from . import openenv_http as http
-from .auth import OriginCheck, TokenAuth
+from .auth import LoopbackHostCheck, OriginCheck, TokenAuth, is_loopback
 from .config import ServerConfig
 from .metrics import metrics_endpoint
 from .mux import mux_endpoint
@@ -68,5 +68,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     app.state.server = server
     if config.token:
         app.add_middleware(TokenAuth, token=config.token)
+    elif is_loopback(config.host):
+        app.add_middleware(LoopbackHostCheck)  # no token to stop DNS rebinding
     app.add_middleware(OriginCheck, allowed=config.allow_origins)  # added last: runs first
     return app

@@ -1,5 +1,8 @@
 """Who may talk to the server: a bearer token on every route, and no browser from a foreign Origin.
 
+A server on loopback without a token also takes only requests addressed to a loopback
+name, so a page whose own name resolves to 127.0.0.1 (DNS rebinding) cannot pass for it.
+
 Both checks are ASGI middleware that answer before any route (so before any session opens):
 over HTTP with a coded JSON error, on a WebSocket with the same error as the handshake's
 HTTP response (403 where the ASGI server cannot send a body).
@@ -8,6 +11,7 @@ HTTP response (403 where the ASGI server cannot send a body).
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from urllib.parse import parse_qs, urlsplit
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -118,3 +122,36 @@ class OriginCheck:
         scheme = _HTTP_SCHEME.get(scope.get("scheme", "http"), "http")
         own = _parse_origin(f"{scheme}://{host.decode('latin-1')}") if host else None
         return own is not None and key == own
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address, without port) names this machine's loopback."""
+    host = host.lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+class LoopbackHostCheck:
+    """Refuse requests whose ``Host`` is not a loopback name: for a tokenless server bound to loopback.
+
+    A hostile page can make its own name resolve to 127.0.0.1 (DNS rebinding); the browser
+    then sends that name as ``Host`` and as ``Origin``, which the Origin check takes for the
+    server's own. Programs on this machine address it as 127.0.0.1, ::1 or localhost.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            host = (_header(scope, b"host") or b"").decode("latin-1")
+            name = urlsplit(f"//{host}").hostname if host else None
+            if name is not None and not is_loopback(name):
+                detail = f"requests for host {host[:200]!r} are refused: this server answers to loopback names only"
+                await refuse(scope, send, 403, ErrorCode.FORBIDDEN, detail)
+                return
+        await self.app(scope, receive, send)

@@ -327,3 +327,28 @@ async def test_forged_origin_is_refused_even_with_the_token(spawn_server, http) 
         assert info.value.status == 403
     assert sessions(server, "tok") == (0, 0)
     assert server.proc.poll() is None
+
+
+async def test_dns_rebinding_is_refused_by_a_tokenless_loopback_server(echo_server, http) -> None:
+    """A page at http://evil.example:PORT whose name resolves to 127.0.0.1 sends Host and Origin evil.example."""
+    port = echo_server.url.rsplit(":", 1)[1]
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}"}
+    before = sessions(echo_server)
+    async with http.post(echo_server.url + "/step", json={"action": {"message": "x"}}, headers=rebound) as r:
+        assert r.status == 403
+        body = await r.json()
+        assert body["code"] == "FORBIDDEN" and "evil.example" in body["detail"]
+    for path in ("/ws", "/v1/mux", "/web/ws"):
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await http.ws_connect(echo_server.ws_url + path, headers=rebound)
+        assert info.value.status == 403
+    assert sessions(echo_server) == before
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", "localhost"):  # what programs on this machine send
+        async with http.get(echo_server.url + "/health", headers={"Host": host}) as r:
+            assert r.status == 200, host
+
+
+async def test_a_server_with_a_token_answers_to_any_host_name(spawn_server, http) -> None:
+    server = spawn_server("--env", "echo", "--token", "tok")  # e.g. reached by a DNS name in a cluster
+    async with http.get(server.url + "/health", headers={"Host": "envfleet.default.svc:8000", "Authorization": "Bearer tok"}) as r:
+        assert r.status == 200
