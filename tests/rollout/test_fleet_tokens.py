@@ -7,7 +7,9 @@ could read them.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 from pathlib import Path
 
 import aiohttp
@@ -87,3 +89,39 @@ async def test_docker_servers_require_a_token_that_is_in_no_inspect_field() -> N
             info = await docker.containers.container(fleet._ids[url]).show()
         assert fleet.token not in json.dumps(info)  # not in Env, Cmd, Labels, ...
         assert info["Config"]["OpenStdin"] is True and info["Config"]["StdinOnce"] is True
+
+
+@pytest.mark.docker
+async def test_the_image_default_command_needs_a_token_file(tmp_path: Path) -> None:
+    """``docker run`` of the image as is refuses to serve every interface without a token; a mounted secret starts it."""
+    import aiodocker
+
+    from .docker_support import IMAGE, docker_unavailable
+
+    reason = await docker_unavailable()
+    if reason is not None:
+        skip_or_fail(f"the Docker tests cannot run: {reason}")
+    secret = tmp_path / "envfleet-token"
+    secret.write_text("image-token\n")
+    secret.chmod(0o444)
+    base = {"Image": IMAGE, "Labels": {"envfleet.test": "token-file"}, "HostConfig": {"NetworkMode": "none"}}
+    async with aiodocker.Docker() as docker:
+        bare = await docker.containers.run(base, name=f"envfleet-token-bare-{os.getpid()}")
+        try:
+            state = await bare.wait(timeout=60)
+            logs = "".join(await bare.log(stdout=True, stderr=True))
+            assert state["StatusCode"] == 2 and "envfleet-token" in logs, logs
+        finally:
+            await bare.delete(force=True)
+        mounted = {**base, "HostConfig": {**base["HostConfig"], "Binds": [f"{secret}:/run/secrets/envfleet-token:ro"]}}
+        served = await docker.containers.run(mounted, name=f"envfleet-token-file-{os.getpid()}")
+        try:
+            for _ in range(150):
+                logs = "".join(await served.log(stdout=True, stderr=True))
+                if "listening on" in logs:
+                    break
+                await asyncio.sleep(0.2)
+            assert "listening on http://0.0.0.0:8000" in logs, logs
+            assert (await served.show())["State"]["Running"] is True
+        finally:
+            await served.delete(force=True)
