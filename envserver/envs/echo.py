@@ -17,7 +17,7 @@ class EchoEnv(Environment[EchoAction, EchoObservation, EchoState]):
     Observation = EchoObservation
     State = EchoState
     tools = {"echo_message": "Echo a message back."}
-    session_options: frozenset[str] = frozenset()  # nothing to choose
+    session_options = frozenset[str]()  # nothing to choose
 
     def __init__(self, **options: Any) -> None:
         self._episode_id: str | None = None
