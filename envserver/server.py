@@ -19,6 +19,7 @@ from .protocol import ErrorCode
 from .sessions import Session, SessionTable
 
 EnvClass = type[Environment]  # type: ignore[type-arg]
+MAX_NAMED = 10  # refused option names an error message lists
 
 
 class Stats:
@@ -60,7 +61,7 @@ class EnvServer:
         env_class = self.env_classes.get(env)
         if env_class is None:
             raise ServerError(
-                ErrorCode.FORBIDDEN, f"this server does not serve {env!r}; it serves {', '.join(self.config.envs)}"
+                ErrorCode.FORBIDDEN, f"this server does not serve {env[:100]!r}; it serves {', '.join(self.config.envs)}"
             )
         return env_class
 
@@ -97,10 +98,13 @@ def check_session_options(env_class: EnvClass, options: dict[str, Any]) -> None:
     refused = [name for name in options if name not in env_class.session_options]
     if refused:
         allowed = ", ".join(sorted(env_class.session_options)) or "none"
+        named = ", ".join(repr(name[:100]) for name in refused[:MAX_NAMED])
+        if len(refused) > MAX_NAMED:
+            named += f" and {len(refused) - MAX_NAMED} more"
         raise ServerError(
             ErrorCode.VALIDATION_ERROR,
-            f"{env_class.name} does not let a client set {', '.join(map(repr, refused))} "
-            f"(only the server's operator can); options a session may set: {allowed}",
+            f"{env_class.name} does not let a client set {named} (only the server's operator can); "
+            f"options a session may set: {allowed}",
         )
 
 

@@ -352,3 +352,13 @@ async def test_a_server_with_a_token_answers_to_any_host_name(spawn_server, http
     server = spawn_server("--env", "echo", "--token", "tok")  # e.g. reached by a DNS name in a cluster
     async with http.get(server.url + "/health", headers={"Host": "envfleet.default.svc:8000", "Authorization": "Bearer tok"}) as r:
         assert r.status == 200
+
+
+async def test_huge_refusals_are_answered_in_a_few_lines(echo_server, mux_connect) -> None:
+    mux = await mux_connect(echo_server)
+    (reply,) = await mux.call(mux.req("open", 1, "x" * 100_000))
+    assert reply.body["code"] == ErrorCode.FORBIDDEN and len(reply.body["message"]) < 300
+    (reply,) = await mux.call(mux.req("open", 1, None, {f"limit{i}": i for i in range(5000)}))
+    assert reply.body["code"] == ErrorCode.VALIDATION_ERROR and "'limit0'" in reply.body["message"]
+    assert "and 4990 more" in reply.body["message"] and len(reply.body["message"]) < 1000
+    await mux.one("open", 1)
