@@ -6,15 +6,20 @@ step (wall clock, output size) and per interpreter (CPU seconds, memory, file si
 processes) are reported in the observation: a timeout, crash or CPU exhaustion costs the
 interpreter (``state_lost``), never the session or the server.
 
-Task mode: ``reset(options={"task": name})`` (or ``"random"``, picked by the seed) loads
-one of ``sandbox_tasks.TASKS``; after each step its hidden tests run in the same
-interpreter and the reward is the fraction that pass. The episode terminates when all
-pass and is truncated after ``max_steps`` steps. Without a task the reward is 0 and the
-episode only ends on reset or close.
+Isolation (``sandbox_isolation.py``): where bubblewrap and user namespaces are available
+every interpreter and every grading process runs in namespaces of its own (private tmpfs,
+no network, its own pids, no view of the server's files); otherwise, or with the
+operator option ``isolation="process"``, as a plain child process, and a warning is
+logged. ``reset``'s info says which (``info["isolation"]``).
 
-The hidden tests run inside the agent's interpreter: they catch honest mistakes, but code
-written to subvert them (patched builtins, hooks) can; run adversarial evaluations with
-the tests in a separate process.
+Task mode: ``reset(options={"task": name})`` (or ``"random"``, picked by the seed) loads
+one of ``sandbox_tasks.TASKS``. After each step the grader (``sandbox_grader.py``) replays
+the cells of the current interpreter (those that finished; a lost interpreter's cells are
+gone with it) in a fresh grading process, calls the agent's function on the hidden inputs
+there and compares the results with the reference solution's on the server. The reward
+is the fraction of tests passing when every test reported, else 0; the episode
+terminates when all pass and is truncated after ``max_steps`` steps. Without a task the
+reward is 0 and the episode only ends on reset or close.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from ..env import Environment
 from ..errors import ServerError
 from ..executor import run_blocking
 from ..protocol import ErrorCode, PythonAction, PythonObservation, PythonState, StepResult
+from .sandbox_grader import GradingLimits, grade
 from .sandbox_interpreter import Interpreter, Outcome, SandboxLimits, StartError
+from .sandbox_isolation import POLICIES, Isolation, detect
 from .sandbox_tasks import TASKS, Task
 
 _cleanups: set[asyncio.Task[None]] = set()
@@ -46,8 +53,10 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_output_bytes: int = 64 * 1024  # per stream and step
     max_processes: int = 32
     max_file_mb: int = 64
+    disk_mb: int = 256  # private tmpfs per sandbox (namespace isolation)
     test_timeout: float = 2.0  # per hidden test
     startup_timeout: float = 20.0
+    isolation: str = "auto"  # "auto" (namespaces when available), "namespaces" (required) or "process"
     task: str | None = None
     max_steps: int = 20
 
@@ -58,6 +67,17 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             max_output_bytes=self.max_output_bytes,
             max_processes=self.max_processes,
             max_file_mb=self.max_file_mb,
+            disk_mb=self.disk_mb,
+        )
+
+    def grading_limits(self) -> GradingLimits:
+        return GradingLimits(
+            memory_mb=self.memory_mb,
+            max_file_mb=self.max_file_mb,
+            disk_mb=self.disk_mb,
+            cpu_seconds=self.cpu_seconds,
+            replay_timeout=self.timeout,
+            test_timeout=self.test_timeout,
         )
 
 
@@ -84,7 +104,14 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad python_sandbox options: {exc}") from None
         if self.config.task is not None:
             _find_task(self.config.task, None)
+        if self.config.isolation not in POLICIES:
+            raise ServerError(ErrorCode.VALIDATION_ERROR, f"isolation must be one of {', '.join(POLICIES)}")
+        try:
+            self.isolation: Isolation = detect(self.config.isolation)
+        except RuntimeError as exc:
+            raise ServerError(ErrorCode.EXECUTION_ERROR, str(exc)) from None
         self._limits = self.config.limits()
+        self._cells: list[str] = []  # the steps the current interpreter finished, for the grader to replay
         self._interpreter: Interpreter | None = None
         self._episode_id: str | None = None
         self._count = 0
@@ -117,7 +144,8 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         if task is not None:
             observation.prompt = task.prompt
             observation.tests_passed, observation.tests_total = 0, len(task.tests)
-        return StepResult(observation, info={"task": task.name} if task else {})
+        info = {"isolation": self.isolation.mode, **({"task": task.name} if task else {})}
+        return StepResult(observation, info=info)
 
     def step(self, action: PythonAction) -> StepResult[PythonObservation]:
         if self._episode_id is None or self._over:
@@ -129,6 +157,8 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         observation = self._observe(outcome, notes)
         if outcome.lost:
             self._lose_interpreter(observation, notes)
+        else:
+            self._cells.append(action.code)
         reward, terminated = 0.0, False
         if self._task is not None:
             reward, terminated = self._grade(observation, notes)
@@ -168,13 +198,13 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
     def _start_interpreter(self) -> Interpreter:
         if self._closed:
             raise ServerError(ErrorCode.UNKNOWN_SESSION, "the session is closed")
-        interpreter = Interpreter(self._limits, self._seed)
+        interpreter = Interpreter(self._limits, self.isolation, self._seed)
         try:
             interpreter.start(self.config.startup_timeout)
         except StartError as exc:
             code = ErrorCode.CAPACITY_REACHED if exc.errno is not None else ErrorCode.EXECUTION_ERROR
             raise ServerError(code, str(exc)) from None
-        self._interpreter = interpreter
+        self._interpreter, self._cells = interpreter, []
         if self._closed:  # closed while starting: do not leave it running
             self._discard_interpreter()
             raise ServerError(ErrorCode.UNKNOWN_SESSION, "the session is closed")
@@ -241,19 +271,15 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
 
     def _grade(self, observation: PythonObservation, notes: list[str]) -> tuple[float, bool]:
         assert self._task is not None
-        tests = list(self._task.tests)
-        observation.tests_total = len(tests)
+        observation.tests_total = len(self._task.tests)
         observation.tests_passed = 0
         if self._interpreter is None:  # the state is gone: nothing the tests could find
             return 0.0, False
-        outcome = self._interpreter.run_tests(tests, self.config.test_timeout)
-        if outcome.lost:
-            notes.append("The interpreter died while the hidden tests ran (a test hung or crashed it).")
-            self._lose_interpreter(observation, notes)
-            return 0.0, False
-        passed = sum(outcome.reply.passed)
-        observation.tests_passed = passed
-        return passed / len(tests), passed == len(tests)
+        verdict = grade(self._task, self._cells, self.config.grading_limits(), self.isolation)
+        if verdict.problem:
+            notes.append(f"Grading failed: {verdict.problem}.")
+        observation.tests_passed = sum(verdict.passed)
+        return verdict.reward, verdict.complete and all(verdict.passed)
 
 
 def _find_task(name: str, seed: int | None) -> Task:
