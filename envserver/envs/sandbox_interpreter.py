@@ -37,6 +37,7 @@ WORKER_SOURCE = Path(__file__).with_name("sandbox_worker.py").read_text()
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _F_SETPIPE_SZ = 1031
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
+_EXIT_WAIT = 1.0  # seconds the interpreter may take to exit after closing its control pipe
 _live: set[Interpreter] = set()  # not yet released; closed at exit (a cleanup still queued at shutdown)
 
 
@@ -300,6 +301,10 @@ class Interpreter:
                         self._poll.unregister(fd)  # EOF on an output pipe: the interpreter closed it
                     continue
                 if not chunk:
+                    # Under bubblewrap the pipe closes a moment before the sandbox's pid exits: wait for it.
+                    if select.select([pidfd], [], [], _EXIT_WAIT)[0]:
+                        self._poll.unregister(fd)
+                        continue
                     broken = "the interpreter closed its control channel"
                     break
                 self._inbox += chunk

@@ -375,6 +375,8 @@ def _become_subreaper() -> None:
 def main() -> None:
     config = msgspec.json.decode(sys.argv[2])
     sys.argv = [""]
+    if os.getsid(0) != os.getpid():  # under bubblewrap the namespace's init leads the session: lead our own
+        os.setsid()
     worker = Worker(config)
     _become_subreaper()
     sys.addaudithook(worker.audit)
