@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import time
 import uuid
 from typing import Any
 
@@ -36,7 +37,8 @@ from ..env import Environment
 from ..errors import ServerError
 from ..executor import run_blocking
 from ..protocol import ErrorCode, PythonAction, PythonObservation, PythonState, StepResult
-from .sandbox_grader import GradingLimits, grade
+from .sandbox_grader import Grade, grade
+from .sandbox_grading_process import GradingLimits, GradingProcess
 from .sandbox_interpreter import Interpreter, Outcome, SandboxLimits, StartError
 from .sandbox_isolation import POLICIES, Isolation, detect
 from .sandbox_tasks import TASKS, Task
@@ -112,6 +114,8 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
             raise ServerError(ErrorCode.EXECUTION_ERROR, str(exc)) from None
         self._limits = self.config.limits()
         self._cells: list[str] = []  # the steps the current interpreter finished, for the grader to replay
+        self._spare: GradingProcess | None = None  # started ahead, for the next step's grading
+        self._grading: GradingProcess | None = None  # in use by a step
         self._interpreter: Interpreter | None = None
         self._episode_id: str | None = None
         self._count = 0
@@ -140,6 +144,7 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         self._episode_id = str(uuid.uuid4())
         self._count = self._restarts = 0
         self._task, self._max_steps, self._over = task, max_steps, False
+        self._prepare_grading()
         observation = PythonObservation()
         if task is not None:
             observation.prompt = task.prompt
@@ -159,13 +164,16 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
             self._lose_interpreter(observation, notes)
         else:
             self._cells.append(action.code)
-        reward, terminated = 0.0, False
+        reward, terminated, info = 0.0, False, {}
         if self._task is not None:
+            started = time.perf_counter()
             reward, terminated = self._grade(observation, notes)
+            info["grading_seconds"] = round(time.perf_counter() - started, 6)
         truncated = self._task is not None and not terminated and self._count >= self._max_steps
         self._over = terminated or truncated
+        self._prepare_grading()
         observation.notice = " ".join(notes)
-        return StepResult(observation, reward, terminated, truncated)
+        return StepResult(observation, reward, terminated, truncated, info)
 
     def state(self) -> PythonState:
         return PythonState(
@@ -178,20 +186,23 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         )
 
     def close(self) -> None:
-        """Kill the interpreter now; reap it and remove its directory off the event loop when there is one."""
+        """Kill the interpreter and grading processes now; reap them off the event loop when there is one."""
         self._closed = True
-        interpreter, self._interpreter = self._interpreter, None
-        if interpreter is None:
-            return
-        interpreter.kill()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            interpreter.close()
-            return
-        task = loop.create_task(run_blocking(interpreter.close))
-        _cleanups.add(task)
-        task.add_done_callback(_cleanups.discard)
+        if self._grading is not None:
+            self._grading.kill()  # the step using it frees it
+        for process in (self._interpreter, self._spare):
+            if process is None:
+                continue
+            process.kill()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                process.close()
+                continue
+            task = loop.create_task(run_blocking(process.close))
+            _cleanups.add(task)
+            task.add_done_callback(_cleanups.discard)
+        self._interpreter = self._spare = None
 
     # -- internals
 
@@ -209,6 +220,21 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
             self._discard_interpreter()
             raise ServerError(ErrorCode.UNKNOWN_SESSION, "the session is closed")
         return interpreter
+
+    def _prepare_grading(self) -> None:
+        """Have a fresh grading process waiting when the episode will grade again, and none otherwise."""
+        wanted = self._task is not None and not self._over and not self._closed
+        if wanted and self._spare is None:
+            try:
+                self._spare = GradingProcess(self.config.grading_limits(), self.isolation)
+            except OSError:
+                return  # the next grading starts one itself, or says why it cannot
+            if self._closed:
+                self._spare.close()
+                self._spare = None
+        elif not wanted and self._spare is not None:
+            spare, self._spare = self._spare, None
+            spare.close()
 
     def _discard_interpreter(self) -> None:
         interpreter, self._interpreter = self._interpreter, None
@@ -275,11 +301,27 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         observation.tests_passed = 0
         if self._interpreter is None:  # the state is gone: nothing the tests could find
             return 0.0, False
-        verdict = grade(self._task, self._cells, self.config.grading_limits(), self.isolation)
+        verdict = self._run_grading(self._task)
         if verdict.problem:
             notes.append(f"Grading failed: {verdict.problem}.")
         observation.tests_passed = sum(verdict.passed)
         return verdict.reward, verdict.complete and all(verdict.passed)
+
+
+    def _run_grading(self, task: Task) -> Grade:
+        process, self._spare = self._spare, None
+        try:
+            process = process or GradingProcess(self.config.grading_limits(), self.isolation)
+        except OSError as exc:
+            return Grade([False] * len(task.tests), complete=False, problem=f"the grading process could not start: {exc.strerror or exc}")
+        self._grading = process
+        try:
+            if self._closed:
+                return Grade([False] * len(task.tests), complete=False, problem="the session was closed")
+            return grade(task, self._cells, process)
+        finally:
+            self._grading = None
+            process.close()
 
 
 def _find_task(name: str, seed: int | None) -> Task:

@@ -1,7 +1,7 @@
 """The server side of the Python sandbox's grader: expected results, one grading process per step, strict comparison.
 
 Trust boundary. The agent's code never judges itself. After each step, a fresh process
-(``python -I -S``, in a fresh sandbox of its own: ``sandbox_isolation.py``) runs the harness
+(``python -I -S``, in a fresh sandbox of its own: ``sandbox_grading_process.py``) runs the harness
 (``sandbox_harness.py``): it replays the agent's cells, calls the agent's function on each
 hidden input and writes each result as tagged plain data to a private pipe. Here, on the
 server, the reference solution (trusted) has computed the expected results once, encoded
@@ -28,29 +28,17 @@ cannot observe, it does not check.
 from __future__ import annotations
 
 import json
-import math
-import os
-import select
-import shutil
-import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from .sandbox_harness import HEADER, MAX_RESULT, canonical, decode_value, encode_value
-from .sandbox_isolation import Isolation, exit_status, kill_tree, site_dirs, spawn
+from .sandbox_grading_process import GradingProcess
+from .sandbox_harness import canonical, decode_value, encode_value
 from .sandbox_tasks import Calls, Task, Test
 
-HARNESS_SOURCE = Path(__file__).with_name("sandbox_harness.py").read_text()
-BOOTSTRAP = "import sys; exec(compile(sys.argv[1], '<grader>', 'exec'))"
-STATUSES = frozenset({"value", "raised", "timeout", "abort", "missing", "unencodable"})
 FATAL = frozenset({"timeout", "abort"})  # the test ended the grading instead of answering
-GRACE = 5.0  # seconds for starting the grading process, on top of the replay and test budgets
-_frame = msgspec.json.Decoder(tuple[int, str, msgspec.Raw])
-_READ = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 class Expected(msgspec.Struct, frozen=True):
@@ -137,22 +125,12 @@ def _passes(task: Task, test: Test, expected: Expected, status: str, payload: by
     return bool(task.checker(_fresh_args(test.args), expected.value, actual))
 
 
-class GradingLimits(msgspec.Struct, frozen=True, kw_only=True):
-    """What one grading process may use."""
-
-    memory_mb: int
-    max_file_mb: int
-    disk_mb: int
-    cpu_seconds: int
-    replay_timeout: float  # wall clock for replaying the cells
-    test_timeout: float  # soft wall clock per test
-
-
-def grade(task: Task, cells: list[str], limits: GradingLimits, isolation: Isolation) -> Grade:
-    """Replay ``cells`` in a fresh grading process, run the task's tests there and judge the results here."""
+def grade(task: Task, cells: list[str], process: GradingProcess) -> Grade:
+    """Replay ``cells`` in ``process`` (fresh, started for this), run the task's tests there and judge the results here."""
     prepared = _prepare(task)
     started = time.monotonic()
-    results, problem = _run_grading(task, prepared, cells, limits, isolation)
+    job = b'{"cells":%s,"entry":%s,"tests":%s}' % (json.dumps(cells).encode(), json.dumps(task.entry).encode(), prepared.tests_json)
+    results, problem = process.run(job, len(task.tests))
     grade = Grade([False] * len(task.tests), complete=problem is None, problem=problem)
     if problem is None:
         for index, (status, payload) in enumerate(results):
@@ -166,126 +144,3 @@ def grade(task: Task, cells: list[str], limits: GradingLimits, isolation: Isolat
         grade.passed = [False] * len(task.tests)
     grade.wall_time = time.monotonic() - started
     return grade
-
-
-def _run_grading(
-    task: Task, prepared: _Prepared, cells: list[str], limits: GradingLimits, isolation: Isolation
-) -> tuple[list[tuple[str, bytes]], str | None]:
-    """Results ``(status, payload)`` of every test in order, or why there are not exactly that many."""
-    job = b'{"cells":%s,"entry":%s,"timeout":%s,"tests":%s}' % (
-        json.dumps(cells).encode(),
-        json.dumps(task.entry).encode(),
-        repr(float(limits.test_timeout)).encode(),
-        prepared.tests_json,
-    )
-    deadline = time.monotonic() + limits.replay_timeout + limits.test_timeout * len(task.tests) + GRACE
-    job_fd = os.memfd_create("envfleet-grading-job")
-    read_end, write_end = os.pipe()
-    fds = [job_fd, read_end]
-    spawned = None
-    try:
-        os.write(job_fd, job)
-        os.lseek(job_fd, 0, os.SEEK_SET)
-        config = {
-            "job_fd": job_fd,
-            "result_fd": write_end,
-            "memory_bytes": limits.memory_mb << 20,
-            "file_bytes": limits.max_file_mb << 20,
-            "cpu_seconds": max(1, min(limits.cpu_seconds, math.ceil(deadline - time.monotonic()))),
-            "paths": site_dirs(),
-        }
-        try:
-            spawned = spawn(
-                [sys.executable, "-I", "-S", "-c", BOOTSTRAP, HARNESS_SOURCE, json.dumps(config)],
-                isolation,
-                env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LANG": "C.UTF-8"},
-                stdout=_devnull(),
-                stderr=_devnull(),
-                pass_fds=(job_fd, write_end),
-                disk_mb=limits.disk_mb,
-            )
-        finally:
-            os.close(write_end)
-        fds.append(os.pidfd_open(spawned.proc.pid))
-        return _collect(read_end, fds[2], len(task.tests), deadline, spawned.proc, isolation)
-    except OSError as exc:
-        return [], f"the grading process could not run: {exc.strerror or exc}"
-    finally:
-        if spawned is not None:
-            kill_tree(spawned.proc, isolation, strays=True)
-            spawned.proc.wait()
-            if spawned.workdir:
-                shutil.rmtree(spawned.workdir, ignore_errors=True)
-        for fd in fds:
-            os.close(fd)
-
-
-def _collect(
-    fd: int, pidfd: int, count: int, deadline: float, proc: Any, isolation: Isolation
-) -> tuple[list[tuple[str, bytes]], str | None]:
-    poll = select.poll()
-    poll.register(fd, _READ)
-    poll.register(pidfd, _READ)
-    inbox = bytearray()
-    results: list[tuple[str, bytes]] = []
-    exited = False
-    while True:
-        while len(inbox) >= HEADER and len(results) < count:
-            size = int.from_bytes(inbox[:HEADER], "little")
-            if size > MAX_RESULT + 256:
-                return results, f"the grading process wrote a {size}-byte frame"
-            if len(inbox) < HEADER + size:
-                break
-            body = bytes(inbox[HEADER : HEADER + size])
-            del inbox[: HEADER + size]
-            try:
-                index, status, payload = _frame.decode(body)
-            except msgspec.DecodeError:
-                return results, "the grading process wrote a malformed frame"
-            if index != len(results) or status not in STATUSES:
-                return results, f"the grading process wrote an unexpected frame (test {index}, {status!r})"
-            results.append((status, bytes(payload)))
-        if len(results) == count:
-            os.set_blocking(fd, False)
-            try:
-                extra = os.read(fd, 1)
-            except BlockingIOError:
-                extra = b""
-            if inbox or extra:
-                return results, "the grading process wrote more than one result per test"
-            return results, None
-        if exited:
-            code = exit_status(proc.wait(), isolation)
-            return results, f"the grading process ended after {len(results)} of {count} results (exit status {code})"
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return results, f"the grading ran out of time after {len(results)} of {count} results"
-        for ready, _ in poll.poll(math.ceil(remaining * 1000)):
-            if ready == fd:
-                chunk = os.read(fd, 1 << 20)
-                if chunk:
-                    inbox += chunk
-                else:
-                    poll.unregister(fd)
-            else:
-                exited = True
-                poll.unregister(pidfd)
-                os.set_blocking(fd, False)
-                while True:  # what it wrote before it exited
-                    try:
-                        chunk = os.read(fd, 1 << 20)
-                    except BlockingIOError:
-                        break
-                    if not chunk:
-                        break
-                    inbox += chunk
-
-
-_null: int | None = None
-
-
-def _devnull() -> int:
-    global _null
-    if _null is None:
-        _null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-    return _null
