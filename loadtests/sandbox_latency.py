@@ -9,8 +9,10 @@ over ``WS /v1/mux`` from this process:
   step), ``--grading-rounds`` times over the 20 tasks; the step's time from send to reply
   (the cell plus the grading) and the grading's own time (the step's
   ``info["grading_seconds"]``: a fresh grading process in a fresh sandbox, replay,
-  tests, comparison). Run once with the server's default isolation (namespaces where
-  bubblewrap works) and once with ``isolation="process"``;
+  tests, comparison). Run with the server's default isolation (namespaces where
+  bubblewrap works) and with ``isolation="process"``; each with the step sent right after
+  the reset, and after ``--think-ms`` (the time an agent takes to answer, during which
+  the next grading process starts);
 * capacity: opens and resets sandboxes in batches of 16 until one is refused, a reset
   takes over 30 s, ``--max-sandboxes`` is reached or the machine's available memory drops
   under ``--min-free-gb``; then one ``print(1)`` on every sandbox, close all, and check
@@ -165,7 +167,7 @@ async def latency(mux: Mux, sessions: int, steps: int, first_sid: int) -> dict[s
     }
 
 
-async def grading(http: aiohttp.ClientSession, rounds: int, isolation: str) -> dict[str, Any]:
+async def grading(http: aiohttp.ClientSession, rounds: int, isolation: str, think: float) -> dict[str, Any]:
     server = Server(None, {"isolation": isolation})
     try:
         mux = Mux(await http.ws_connect(server.url, max_msg_size=64 * 2**20))
@@ -177,6 +179,7 @@ async def grading(http: aiohttp.ClientSession, rounds: int, isolation: str) -> d
             for name, task in TASKS.items():
                 reset = _check(await mux.call(Reset, 0, None, {"task": name}), "reset")
                 mode = reset["info"]["isolation"]
+                await asyncio.sleep(think)  # the agent reading the prompt: the spare grading process starts meanwhile
                 start = time.perf_counter()
                 body = _check(await mux.call(Step, 0, {"code": task.solution}), "step")
                 step_times.append(time.perf_counter() - start)
@@ -190,6 +193,7 @@ async def grading(http: aiohttp.ClientSession, rounds: int, isolation: str) -> d
     grade_times.sort()
     return {
         "isolation": mode,
+        "think_ms": round(think * 1000),
         "gradings": len(grade_times),
         "step_p50_ms": round(percentile(step_times, 0.50) * 1000, 1),
         "step_p99_ms": round(percentile(step_times, 0.99) * 1000, 1),
@@ -267,7 +271,9 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             finally:
                 server.stop()
         if "grading" in args.parts:
-            grades = [await grading(http, args.grading_rounds, "auto"), await grading(http, args.grading_rounds, "process")]
+            for think in (0.0, args.think_ms / 1000):
+                for isolation in ("auto", "process"):
+                    grades.append(await grading(http, args.grading_rounds, isolation, think))
         if "capacity" in args.parts:
             caps = [await capacity(http, None, args.max_sandboxes, args.min_free_gb)]
             caps.append(await capacity(http, 1024, args.max_sandboxes, args.min_free_gb))
@@ -286,10 +292,10 @@ def report(result: dict[str, Any]) -> str:
         "|---:|---:|---:|---:|---:|",
         *(f"| {r['sessions']} | {r['steps']} | {r['p50_ms']} | {r['p99_ms']} | {r['steps_per_s']} |" for r in result["latency"]),
         "",
-        "| isolation | gradings | step p50 ms | step p99 ms | grading p50 ms | grading p99 ms |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| isolation | think ms | gradings | step p50 ms | step p99 ms | grading p50 ms | grading p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
         *(
-            f"| {g['isolation']} | {g['gradings']} | {g['step_p50_ms']} | {g['step_p99_ms']} | {g['grading_p50_ms']} | "
+            f"| {g['isolation']} | {g['think_ms']} | {g['gradings']} | {g['step_p50_ms']} | {g['step_p99_ms']} | {g['grading_p50_ms']} | "
             f"{g['grading_p99_ms']} |"
             for g in result["grading"]
         ),
@@ -312,6 +318,7 @@ if __name__ == "__main__":
     parser.add_argument("--max-sandboxes", type=int, default=400, help="stop the capacity runs here")
     parser.add_argument("--min-free-gb", type=float, default=6.0, help="stop the capacity runs when less memory is available")
     parser.add_argument("--grading-rounds", type=int, default=5, help="passes over the 20 tasks in the grading runs")
+    parser.add_argument("--think-ms", type=float, default=200.0, help="pause between reset and step in the second grading runs")
     parser.add_argument(
         "--parts", type=lambda v: set(v.split(",")), default={"latency", "grading", "capacity"}, help="comma-separated: latency,grading,capacity"
     )

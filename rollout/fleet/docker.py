@@ -41,6 +41,7 @@ import aiohttp
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
 from rollout.fleet.base import FleetBackend, FleetState
+from rollout.fleet.sandbox_security import sandbox_security_options
 
 __all__ = ["DockerFleet", "list_containers", "reap"]
 
@@ -255,7 +256,8 @@ class DockerFleet(FleetBackend):
                 "ReadonlyRootfs": True,
                 "Tmpfs": {"/tmp": "rw,nosuid,nodev,noexec,size=64m"},
                 "CapDrop": ["ALL"],
-                "SecurityOpt": ["no-new-privileges"],
+                # The Python sandbox needs user namespaces inside the container (rollout/fleet/sandbox_security.py).
+                "SecurityOpt": ["no-new-privileges", *sandbox_security_options(cfg.env)],
                 "PidsLimit": cfg.pids_limit,
                 "Memory": memory,
                 "MemorySwap": memory,  # no swap on top of the limit
