@@ -65,8 +65,8 @@ def needs_namespaces() -> None:
 class Attempt:
     """One sandbox session; ``hack(code, task)`` submits a hack, then checks it earned nothing."""
 
-    def __init__(self) -> None:
-        self.env = PythonSandboxEnv(timeout=5.0, test_timeout=1.0)
+    def __init__(self, isolation: str) -> None:
+        self.env = PythonSandboxEnv(timeout=5.0, test_timeout=1.0, isolation=isolation)
 
     def hack(self, code: str, task: str = "fizzbuzz") -> Any:
         self.env.reset(options={"task": task})
@@ -83,15 +83,27 @@ class Attempt:
         assert (result.reward, result.terminated) == (1.0, True), result.observation
 
 
-@pytest.fixture
-def attempt() -> Iterator[Attempt]:
+def _attempt(isolation: str) -> Iterator[Attempt]:
     before = _running_children()
-    made = Attempt()
+    made = Attempt(isolation)
     try:
         yield made
     finally:
         made.env.close()
     assert _settle(before) == set(), "a process of the sandbox outlived its session"
+
+
+@pytest.fixture(params=["auto", "process"])
+def attempt(request: pytest.FixtureRequest) -> Iterator[Attempt]:
+    """A session in the machine's best isolation, and one in process mode: the grader holds in both."""
+    yield from _attempt(request.param)
+
+
+@pytest.fixture
+def namespaced() -> Iterator[Attempt]:
+    """A session for attacks only namespaces stop."""
+    needs_namespaces()
+    yield from _attempt("auto")
 
 
 # --------------------------------------------------------------------------- values that pretend
@@ -201,8 +213,8 @@ def test_gc_to_patch_the_grader(attempt: Attempt) -> None:
     attempt.hack(code)
 
 
-def test_importing_the_tasks_module(attempt: Attempt) -> None:
-    needs_namespaces()
+def test_importing_the_tasks_module(namespaced: Attempt) -> None:
+    attempt = namespaced
     path = envserver.envs.sandbox_tasks.__file__
     code = (
         "def fizzbuzz(n):\n"
