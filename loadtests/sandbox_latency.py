@@ -43,6 +43,7 @@ from typing import Any
 import aiohttp
 
 from common import proc_stat  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
+from envserver.envs.sandbox_isolation import descendants
 from envserver.envs.sandbox_tasks import TASKS
 from envserver.protocol import Close, Open, Reply, Reset, Step, msgpack_decoder, msgpack_encoder
 from rollout.bench import percentile
@@ -62,7 +63,7 @@ def mem_available_gb() -> float:
 
 
 def interpreters_of(server_pid: int) -> list[int]:
-    """Live children of the server (its sandbox interpreters)."""
+    """Live children of the server: its sandboxes (the interpreter, or bubblewrap around it)."""
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -73,8 +74,9 @@ def interpreters_of(server_pid: int) -> list[int]:
 
 
 def rss_mb(pids: list[int]) -> float:
+    """Resident memory of these processes and all their descendants (bubblewrap, its init, the interpreter)."""
     total = 0
-    for pid in pids:
+    for pid in {p for root in pids for p in (root, *descendants(root))}:
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -310,6 +310,9 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
 
     def _run_grading(self, task: Task) -> Grade:
         process, self._spare = self._spare, None
+        if process is not None and process.proc.poll() is not None:  # the spare died idle (OOM, an operator's kill)
+            process.close()
+            process = None
         try:
             process = process or GradingProcess(self.config.grading_limits(), self.isolation)
         except OSError as exc:
