@@ -41,7 +41,7 @@ import aiohttp
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
 from rollout.fleet.base import FleetBackend, FleetState
-from rollout.fleet.sandbox_security import sandbox_security_options
+from rollout.fleet.sandbox_security import sandbox_host_config
 
 __all__ = ["DockerFleet", "list_containers", "reap"]
 
@@ -251,20 +251,20 @@ class DockerFleet(FleetBackend):
             "User": "65534:65534",
             "ExposedPorts": {_PORT_KEY: {}} if self.network == "published" else {},
             "Labels": ownership_labels(self.pool_id, time.time() + lifetime + _KILL_GRACE),
-            "HostConfig": {
+            # The Python sandbox needs user namespaces inside the container (rollout/fleet/sandbox_security.py).
+            "HostConfig": sandbox_host_config(cfg.env, {
                 **self._network_config(),
                 "ReadonlyRootfs": True,
                 "Tmpfs": {"/tmp": "rw,nosuid,nodev,noexec,size=64m"},
                 "CapDrop": ["ALL"],
-                # The Python sandbox needs user namespaces inside the container (rollout/fleet/sandbox_security.py).
-                "SecurityOpt": ["no-new-privileges", *sandbox_security_options(cfg.env)],
+                "SecurityOpt": ["no-new-privileges"],
                 "PidsLimit": cfg.pids_limit,
                 "Memory": memory,
                 "MemorySwap": memory,  # no swap on top of the limit
                 "NanoCpus": int(cfg.cpus * 1e9),
                 "RestartPolicy": {"Name": "no"},
                 "LogConfig": {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
-            },
+            }),
         }
 
     def _network_config(self) -> dict[str, Any]:

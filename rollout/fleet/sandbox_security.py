@@ -10,9 +10,11 @@ keyrings, BPF, perf, userfaultfd, io_uring, the new mount API, ptrace and cross-
 memory access, clock and swap changes, reboot. Everything else is allowed.
 
 A fresh ``/proc`` for the sandbox's pid namespace can only be mounted where the
-container's own ``/proc`` has no masked paths, hence ``systempaths=unconfined``; the
-server runs as uid 65534 with no capabilities, so the unmasked files (``/proc/kcore``,
-``/proc/sys`` ...) stay unreadable or read-only to it.
+container's own ``/proc`` has no masked or read-only sub-mounts, hence empty
+``MaskedPaths`` and ``ReadonlyPaths`` (what the CLI's ``--security-opt
+systempaths=unconfined`` sets); the server runs as uid 65534 with no capabilities, so
+the files this uncovers (``/proc/kcore``, ``/proc/sys`` ...) stay unreadable or
+unwritable to it and to its sandboxes.
 
 ``deploy/seccomp-sandbox.json`` is this profile written out (a test keeps them equal),
 for ``docker run --security-opt seccomp=deploy/seccomp-sandbox.json`` and other runtimes.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-__all__ = ["SANDBOX_ENVS", "profile", "profile_json", "sandbox_security_options", "swarm_session_args"]
+__all__ = ["SANDBOX_ENVS", "profile", "profile_json", "sandbox_host_config", "swarm_session_args"]
 
 SANDBOX_ENVS = frozenset({"python_sandbox"})  # environments that run agents' code in bubblewrap sandboxes
 
@@ -65,11 +67,12 @@ def profile_json() -> str:
     return json.dumps(profile(), indent=2) + "\n"
 
 
-def sandbox_security_options(env: str) -> list[str]:
-    """Extra ``SecurityOpt`` entries for a container serving ``env``: none unless it runs sandboxes."""
+def sandbox_host_config(env: str, host_config: dict[str, Any]) -> dict[str, Any]:
+    """``host_config`` (a container's ``HostConfig``) with what sandboxes need if ``env`` runs them: the profile, unmasked /proc."""
     if env not in SANDBOX_ENVS:
-        return []
-    return [f"seccomp={json.dumps(profile(), separators=(',', ':'))}", "systempaths=unconfined"]
+        return host_config
+    seccomp = f"seccomp={json.dumps(profile(), separators=(',', ':'))}"
+    return {**host_config, "SecurityOpt": [*host_config.get("SecurityOpt", []), seccomp], "MaskedPaths": [], "ReadonlyPaths": []}
 
 
 def swarm_session_args(env: str, max_sessions: int | None) -> list[str]:

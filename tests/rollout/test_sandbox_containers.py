@@ -21,7 +21,7 @@ import pytest
 from envserver.envs.sandbox_tasks import TASKS
 from rollout.config import FleetConfig
 from rollout.fleet.docker import LABEL_POOL, DockerFleet
-from rollout.fleet.sandbox_security import profile, profile_json, sandbox_security_options, swarm_session_args
+from rollout.fleet.sandbox_security import profile, profile_json, sandbox_host_config, swarm_session_args
 from rollout.fleet.swarm import SwarmFleet
 
 from tests.conftest import skip_or_fail
@@ -43,11 +43,13 @@ def test_the_deploy_profile_is_the_one_the_backends_send() -> None:
 
 
 def test_only_sandbox_containers_get_the_profile_and_unmasked_paths() -> None:
-    sandbox = DockerFleet(_config(env="python_sandbox"))._container_config()["HostConfig"]["SecurityOpt"]
-    assert sandbox[0] == "no-new-privileges" and "systempaths=unconfined" in sandbox
-    assert json.loads(next(o for o in sandbox if o.startswith("seccomp="))[len("seccomp=") :]) == profile()
-    assert DockerFleet(_config(env="openspiel"))._container_config()["HostConfig"]["SecurityOpt"] == ["no-new-privileges"]
-    assert sandbox_security_options("echo") == []
+    host = DockerFleet(_config(env="python_sandbox"))._container_config()["HostConfig"]
+    assert host["SecurityOpt"][0] == "no-new-privileges" and host["MaskedPaths"] == host["ReadonlyPaths"] == []
+    assert json.loads(host["SecurityOpt"][1][len("seccomp=") :]) == profile()
+    assert host["CapDrop"] == ["ALL"] and host["ReadonlyRootfs"] is True  # the rest of the hardening stays
+    plain = DockerFleet(_config(env="openspiel"))._container_config()["HostConfig"]
+    assert plain["SecurityOpt"] == ["no-new-privileges"] and "MaskedPaths" not in plain
+    assert sandbox_host_config("echo", {"SecurityOpt": []}) == {"SecurityOpt": []}
 
 
 def test_swarm_holds_one_sandbox_session_per_container_unless_the_operator_shares() -> None:
