@@ -46,6 +46,7 @@ import aiohttp
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
 from rollout.fleet.base import FleetBackend, FleetState, pool_token
+from rollout.fleet.sandbox_security import sandbox_host_config
 
 __all__ = ["DockerFleet", "list_containers", "reap"]
 
@@ -256,7 +257,8 @@ class DockerFleet(FleetBackend):
             "User": "65534:65534",
             "ExposedPorts": {_PORT_KEY: {}} if self.network == "published" else {},
             "Labels": ownership_labels(self.pool_id, time.time() + lifetime + _KILL_GRACE),
-            "HostConfig": {
+            # The Python sandbox needs user namespaces inside the container (rollout/fleet/sandbox_security.py).
+            "HostConfig": sandbox_host_config(cfg.env, {
                 **self._network_config(),
                 "ReadonlyRootfs": True,
                 "Tmpfs": {"/tmp": "rw,nosuid,nodev,noexec,size=64m"},
@@ -268,7 +270,7 @@ class DockerFleet(FleetBackend):
                 "NanoCpus": int(cfg.cpus * 1e9),
                 "RestartPolicy": {"Name": "no"},
                 "LogConfig": {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
-            },
+            }),
         }
 
     def _network_config(self) -> dict[str, Any]:

@@ -21,7 +21,10 @@ One service ``envfleet-<pool id>`` with ``config.servers`` replicas (default 2):
   ``docker save | docker load`` (which keeps the ID).
 - **Hardened** as far as swarm allows: non-root, read-only root fs with a tmpfs
   ``/tmp``, all capabilities dropped, pids/memory/CPU limits. Swarm services
-  cannot set no-new-privileges; the docker backend does.
+  cannot set no-new-privileges nor a seccomp profile; the docker backend does.
+  So the Python sandbox has no namespaces in a swarm container, and each of its
+  servers holds one session unless ``max_sessions`` is set
+  (``rollout/fleet/sandbox_security.py``).
 - **Labelled** like the docker backend's containers (``envfleet.pool``,
   ``envfleet.owner``, ``envfleet.user``, ``envfleet.expires``) on the service
   and on each task container; ``reap_services`` removes expired and orphaned
@@ -63,6 +66,7 @@ from rollout.fleet.docker import (
     parse_memory,
 )
 from rollout.fleet.health import wait_healthy
+from rollout.fleet.sandbox_security import swarm_session_args
 
 __all__ = ["SwarmFleet", "check_manager", "reap_services"]
 
@@ -248,7 +252,10 @@ class SwarmFleet(FleetBackend):
         return {
             "ContainerSpec": {
                 "Image": image,
-                "Command": ["envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--token-file", TOKEN_FILE, *cfg.server_args()],
+                "Command": [
+                    "envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--token-file", TOKEN_FILE, *cfg.server_args(),
+                    *swarm_session_args(cfg.env, cfg.max_sessions),  # no namespaces here: a container per session
+                ],  # fmt: skip
                 "Secrets": [
                     {
                         "SecretID": self._secret_id,
