@@ -136,7 +136,7 @@ class _Pending:
         results, labels = value.results, self.labels
         size = len(labels)
         if len(results) != size or any(not 0 <= index < size for index in value.failures):
-            problem = f"reply to request {request} carries {len(results)} results (failures at {sorted(value.failures)}) for {size} sessions"
+            problem = f"protocol error: reply to request {request} carries {len(results)} results (failures at {sorted(value.failures)}) for {size} sessions"
             self.fail(ProtocolError, problem, server=server, request=request)
             return problem
         for index, info in value.failures.items():
@@ -243,7 +243,7 @@ class EnvClient:
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
         try:
             self._ws = await asyncio.wait_for(
-                self._http.ws_connect(f"{self.url}/v1/mux", heartbeat=self._heartbeat, max_msg_size=0, compress=0),
+                self._http.ws_connect(f"{self.url}/v1/mux", heartbeat=self._heartbeat or None, max_msg_size=0, compress=0),
                 self._connect_timeout,
             )
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
@@ -538,7 +538,7 @@ class EnvClient:
                 continue
             problem = pending.deliver(value, url, rid)
             if problem:
-                self._broken(f"protocol error: {problem}", ProtocolError)
+                self._broken(problem, ProtocolError)
 
     async def _tick_forever(self) -> None:
         """Fail requests past their deadline; ping the server when nothing was sent for ``heartbeat`` seconds."""
