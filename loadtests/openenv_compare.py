@@ -139,7 +139,7 @@ async def _drive_openenv(clients: list[GenericEnvClient], stop_at: float, counte
                 action = {"action_id": legal[int(rng.random() * len(legal))]}
                 start = clock()
                 result = await client.step(action)
-                counter.latencies.append(clock() - start)
+                counter.latency.observe(clock() - start)
                 counter.steps += 1
                 if result.done:
                     counter.episodes += 1

@@ -36,7 +36,7 @@ import aiohttp
 
 from common import proc_stat  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from envserver.protocol import Close, Open, Reply, Reset, Step, msgpack_decoder, msgpack_encoder
-from rollout.bench import percentile
+from rollout.telemetry import percentile
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "sandbox_latency.json"
