@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -109,7 +109,7 @@ async def _per_env(pool: EnvPool, stop_at: float, counter: StepCounter, seed: in
                 counter.episodes += 1
                 result = await _reset(env, None, counter, stop_at)
 
-    await asyncio.gather(*(drive(i) for i in range(pool.n)))
+    await _all_or_none(drive(i) for i in range(pool.n))
 
 
 async def _batched(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int) -> None:
@@ -136,7 +136,18 @@ async def _batched(pool: EnvPool, stop_at: float, counter: StepCounter, seed: in
                 for k, r in zip(finished + failed, fresh):
                     results[k] = r
 
-    await asyncio.gather(*(drive(ids) for ids in batches(pool)))
+    await _all_or_none(drive(ids) for ids in batches(pool))
+
+
+async def _all_or_none(coroutines: Iterable[Coroutine[Any, Any, None]]) -> None:
+    """Run the coroutines side by side; if one fails, cancel the others, then raise its error."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _reset(env: Any, seed: int | None, counter: StepCounter, stop_at: float) -> Any:

@@ -246,10 +246,12 @@ class EnvClient:
                 self._http.ws_connect(f"{self.url}/v1/mux", heartbeat=self._heartbeat or None, max_msg_size=0, compress=0),
                 self._connect_timeout,
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            await self._http.close()
+        except BaseException as exc:  # also cancelled: the session is closed on every way out
+            await asyncio.shield(self._http.close())
             self.state = ClientState.BROKEN
-            raise EnvCrashed(f"cannot connect: {exc!r}", server=self.url) from exc
+            if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
+                raise EnvCrashed(f"cannot connect: {exc!r}", server=self.url) from exc
+            raise
         self.state = ClientState.OPEN
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
@@ -273,10 +275,14 @@ class EnvClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._ws is not None:
-            await asyncio.wait_for(self._ws.close(), 5.0) if not self._ws.closed else None
-        if self._http is not None and not was_new:
-            await self._http.close()
+        try:
+            if self._ws is not None and not self._ws.closed:
+                await asyncio.wait_for(self._ws.close(), 5.0)
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            pass  # the peer is gone: nothing to say goodbye to
+        finally:
+            if self._http is not None and not was_new:
+                await asyncio.shield(self._http.close())
 
     async def __aenter__(self) -> EnvClient:
         return await self.connect()

@@ -302,9 +302,11 @@ class EnvPool:
                     await self._open_sessions(client, slot.envs)
                 slot.url, slot.client, slot.failure = url, client, None  # swapped only once every session is open
                 break
-            except Exception as exc:  # Docker errors, port conflicts, a missing image, a hung daemon call: all reported
+            except BaseException as exc:  # Docker errors, port conflicts, a missing image, a hung daemon call: all reported
                 if client is not None:
-                    await client.close()
+                    await asyncio.shield(client.close())
+                if not isinstance(exc, Exception):  # cancelled: the pool is closing
+                    raise
                 cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if slot.failure is None and time.monotonic() >= deadline - delay:
                     slot.failure = FleetError(f"cannot replace the lost server {old}: {cause}", server=old)
