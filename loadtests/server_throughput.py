@@ -40,6 +40,7 @@ import msgspec
 
 from common import cpu_seconds  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from envserver.protocol import Open, Reset, ResetMany, StepMany, msgpack_encoder, mux_reply_decoder
+from rollout.fleet.health import wait_healthy
 from rollout.telemetry import LatencyHistogram
 
 HERE = Path(__file__).resolve().parent
@@ -246,13 +247,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:
-            for _ in range(100):  # wait for /health
-                try:
-                    async with http.get(url + "/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+            await wait_healthy(http, url, time.monotonic() + 10.0)
             for sessions in args.sessions:
                 case = await run_mux(http, url, sessions, min(args.connections, sessions), args.depth, args.seconds, args.warmup)
                 print(json.dumps(case), file=sys.stderr, flush=True)
