@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -252,10 +253,12 @@ async def test_a_replacement_that_fails_reaches_run_as_fleet_error(alive: Callab
                 os.kill(pid, signal.SIGKILL)
             return first_legal(observation)
 
+        started = time.monotonic()
         async with asyncio.timeout(20):
             with pytest.raises(FleetError) as info:
                 async for _ in pool.run(policy, episodes=4):
                     pass
+        assert time.monotonic() - started < 3.0 + 2.0  # within the start timeout (and one attempt's slack)
         assert "cannot replace" in str(info.value) and "no_such_env" in str(info.value)
         with pytest.raises(FleetError):  # later calls say the same, at once
             async with asyncio.timeout(2):
