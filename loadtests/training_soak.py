@@ -118,7 +118,6 @@ async def run_training_soak(
                 kind = "oversized" if turn % 2 == 0 else "unencodable"
                 env = pool.envs[turn % n]
                 turn += 1
-                _count(injected, kind)
                 try:
                     await env.step(bad[kind])
                     _count(errors, f"injected {kind} action was accepted")
@@ -126,8 +125,9 @@ async def run_training_soak(
                     _count(refused, type(exc).__name__)
                 except EnvCrashed:  # its server was killed or is being replaced: refused for that reason first
                     _count(refused, "EnvCrashed")
-                except Exception as exc:  # e.g. EnvCrashed while its server is being replaced
+                except Exception as exc:
                     _count(errors, f"injected {kind}: {type(exc).__name__}")
+                _count(injected, kind)  # counted once answered: the end of a phase may cancel one in flight
 
         sample("start")
         while time.monotonic() - start < seconds:
