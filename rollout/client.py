@@ -168,9 +168,12 @@ class _Pending:
 
     def _fill(self, values: list[Any]) -> None:
         batch = self.target
-        results = batch.results
-        for position, value in zip(self.positions, values):
-            results[position] = value
+        results, positions = batch.results, self.positions
+        if type(positions) is range:  # the common case: one contiguous run of the batch
+            results[positions.start : positions.stop] = values
+        else:
+            for position, value in zip(positions, values):
+                results[position] = value
         batch.remaining -= len(values)
         if batch.remaining <= 0 and not batch.future.done():
             batch.future.set_result(results)

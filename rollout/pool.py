@@ -307,7 +307,10 @@ class EnvPool:
                     await asyncio.shield(client.close())
                 if not isinstance(exc, Exception):  # cancelled: the pool is closing
                     raise
-                cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if isinstance(exc, TimeoutError) and not str(exc):  # this attempt's deadline
+                    cause = f"no new server was up within {timeout:g} s (FleetConfig.start_timeout)"
+                else:
+                    cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if slot.failure is None and time.monotonic() >= deadline - delay:
                     slot.failure = FleetError(f"cannot replace the lost server {old}: {cause}", server=old)
                     slot.failure.__cause__ = exc
