@@ -293,6 +293,7 @@ class EnvPool:
         log.warning("server %s lost (%s); replacing it", self.backend.describe(old), slot.client.broken_reason)
         timeout = self.fleet_config.start_timeout
         deadline, delay = lost_at + timeout, 0.5
+        cause, error = f"no new server was up within {timeout:g} s (FleetConfig.start_timeout)", None
         while self.state is PoolState.OPEN:
             client = None
             try:
@@ -307,15 +308,13 @@ class EnvPool:
                     await asyncio.shield(client.close())
                 if not isinstance(exc, Exception):  # cancelled: the pool is closing
                     raise
-                if isinstance(exc, TimeoutError) and not str(exc):  # this attempt's deadline
-                    cause = f"no new server was up within {timeout:g} s (FleetConfig.start_timeout)"
-                else:
-                    cause = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if not (isinstance(exc, TimeoutError) and not str(exc)):  # not just this attempt's deadline: a cause
+                    cause, error = (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), exc
                 if slot.failure is None and time.monotonic() >= deadline - delay:
                     slot.failure = FleetError(f"cannot replace the lost server {old}: {cause}", server=old)
-                    slot.failure.__cause__ = exc
+                    slot.failure.__cause__ = error or exc
                     slot.ready.set()  # wake the waiting calls: they raise slot.failure
-                log.warning("replacing %s failed: %s; retrying in %.1f s", old, cause, delay)
+                log.warning("replacing %s failed: %r; retrying in %.1f s", old, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         self.replacements_log.append((old, lost_at, time.monotonic()))
