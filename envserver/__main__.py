@@ -40,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", default=8000, type=int, help="port to bind; 0 picks a free one (default 8000)")
     parser.add_argument("--max-sessions", default=4096, type=int, help="session cap of this server")
     parser.add_argument("--max-sessions-per-connection", default=4096, type=int, help="session cap of one mux connection")
+    parser.add_argument("--max-blocking-per-connection", default=4096, type=int, help="calls of blocking envs in flight per mux connection")
     parser.add_argument("--idle-ttl", default=600.0, type=float, help="seconds before an idle session is freed")
     parser.add_argument("--max-frame-bytes", default=4 * 1024 * 1024, type=int, help="WebSocket frame / HTTP body limit")
     parser.add_argument(
@@ -94,6 +95,7 @@ def build_config(args: argparse.Namespace) -> Any:
         port=args.port,
         max_sessions=args.max_sessions,
         max_sessions_per_connection=args.max_sessions_per_connection,
+        max_blocking_per_connection=args.max_blocking_per_connection,
         idle_ttl=args.idle_ttl,
         max_frame_bytes=args.max_frame_bytes,
         token=token,

@@ -19,6 +19,7 @@ class ServerConfig(msgspec.Struct, frozen=True, kw_only=True):
     idle_ttl: float = 600.0  # seconds a session may sit unused before it is freed
     max_frame_bytes: int = 4 * 1024 * 1024  # WebSocket frames and HTTP bodies
     max_sessions_per_connection: int = 4096
+    max_blocking_per_connection: int = 4096  # calls of blocking envs in flight (queued or running) per mux connection
     token: str | None = None  # bearer token required on every route when set
     allow_origins: tuple[str, ...] = ()  # browser Origins allowed besides the server's own
     web: bool = True  # serve the browser play page at /web

@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 
 from common import rss_mb, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
-from rollout.bench import percentile
+from rollout.telemetry import percentile
 from rollout.client import EnvClient
 from rollout.config import FleetConfig
 from rollout.errors import CapacityReached

@@ -46,7 +46,7 @@ from common import proc_stat  # loadtests/ is on sys.path (script dir; pytest's 
 from envserver.envs.sandbox_isolation import descendants
 from envserver.envs.sandbox_tasks import TASKS
 from envserver.protocol import Close, Open, Reply, Reset, Step, msgpack_decoder, msgpack_encoder
-from rollout.bench import percentile
+from rollout.telemetry import percentile
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "sandbox_latency.json"

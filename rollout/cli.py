@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per mode (default: 10)")
     bench.add_argument("--mode", choices=["per-env", "batched", "both"], default="both")
     bench.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write results as JSON to PATH (or stdout)")
+    bench.add_argument("--keep-going", action="store_true", help="count failed calls (by class) and go on instead of stopping at the first")
     bench.set_defaults(handler=_bench)
 
     ev = commands.add_parser("eval", help="play a policy for many episodes into a resumable JSONL file")
@@ -225,7 +226,7 @@ async def _bench(args: argparse.Namespace) -> int:
 
     modes = ["per-env", "batched"] if args.mode == "both" else [args.mode]
     async with maybe_dashboard(args.dashboard, "bench") as telemetry:
-        report = await run_bench(_pool_kwargs(args), modes, args.seconds, telemetry=telemetry)
+        report = await run_bench(_pool_kwargs(args), modes, args.seconds, telemetry=telemetry, keep_going=args.keep_going)
     if args.json:
         payload = msgspec.json.format(msgspec.json.encode(report), indent=2).decode()
         if args.json == "-":

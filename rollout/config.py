@@ -16,6 +16,8 @@ class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
     env: str = "openspiel"
     env_options: dict[str, Any] = {}
     max_sessions: int | None = None  # per server; None: the server's default
+    idle_ttl: float | None = None  # seconds before the servers free a session of a silent connection; None: their default
+    max_frame_bytes: int | None = None  # the servers' frame limit, which clients then respect; None: the default (4 MiB)
     token: str | None = None  # bearer token the servers require; None: a fresh random one (local, docker, swarm), none (endpoints)
     start_timeout: float = 120.0  # seconds until every server must answer /health
     endpoints: tuple[str, ...] = ()  # backend "endpoints": URLs, or one DNS name as "dns://name:port"
@@ -50,4 +52,8 @@ class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
             args += ["--env-options", msgspec.json.encode(self.env_options).decode()]
         if self.max_sessions is not None:
             args += ["--max-sessions", str(self.max_sessions)]
+        if self.idle_ttl is not None:
+            args += ["--idle-ttl", repr(float(self.idle_ttl))]
+        if self.max_frame_bytes is not None:
+            args += ["--max-frame-bytes", str(self.max_frame_bytes)]
         return args

@@ -100,12 +100,12 @@ class LocalFleet(FleetBackend):
             if not line.startswith(b"envserver ") or "http://" not in line.decode(errors="replace"):
                 raise ConnectionError("exited before it was listening")
             server.url = line.decode().split()[-1]
-            exited = asyncio.ensure_future(process.wait())
-            try:
-                async with aiohttp.ClientSession() as http:
-                    await wait_healthy(http, server.url, deadline, token=self.token, alive=exited)
-            finally:
-                exited.cancel()
+
+            async def dead() -> str | None:
+                return None if process.returncode is None else f"exited with code {process.returncode}"
+
+            async with aiohttp.ClientSession() as http:
+                await wait_healthy(http, server.url, deadline, token=self.token, dead=dead)
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as exc:
             self._starting.discard(server)
             await _terminate(server)
