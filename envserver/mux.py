@@ -16,6 +16,7 @@ from typing import Any
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .columns import VectorSessions
 from .errors import ServerError
 from .metrics import mux_latency
 from .protocol import (
@@ -34,6 +35,8 @@ from .protocol import (
     ResetMany,
     Step,
     StepMany,
+    VecReset,
+    VecStep,
     msgpack_encoder,
     mux_request_decoder,
 )
@@ -42,7 +45,7 @@ from .sessions import Session
 
 log = logging.getLogger("envserver.mux")
 
-_MANY = (StepMany, ResetMany)
+_MANY = (StepMany, ResetMany, VecStep, VecReset)
 
 
 class MuxConnection:
@@ -58,6 +61,7 @@ class MuxConnection:
         self._prefix = f"m{id(self):x}:"
         self._now = time.monotonic()  # one clock read per frame marks its sessions used
         self._latency = mux_latency(server)
+        self._vector = VectorSessions(self._live)  # vstep / vreset
 
     async def serve(self) -> None:
         writer = asyncio.create_task(self._write_forever())
@@ -158,6 +162,9 @@ class MuxConnection:
             if kind is Ping:
                 self._outbox.append(Reply(rid, True, None))
                 return
+            if kind is VecStep or kind is VecReset:
+                self._columns(request)  # type: ignore[arg-type]
+                return
             session = self._live(request.sid)  # type: ignore[union-attr]
             env = session.env
             if env.blocking:
@@ -235,6 +242,17 @@ class MuxConnection:
 
         self._track(asyncio.create_task(finish()))
 
+    def _columns(self, request: VecStep | VecReset) -> None:
+        """Answer a columnar batch with one reply of packed arrays (envserver/columns.py)."""
+        columns = self._vector.handle(request)
+        stats = self.server.stats
+        if type(request) is VecStep:
+            stats.steps += len(request.sids)
+        else:
+            stats.resets += len(request.sids)
+        stats.errors += len(columns.failures)
+        self._outbox.append(Reply(request.id, True, columns))
+
     def _failure(self, exc: Exception) -> ErrorInfo:
         error = coded(exc)
         if error is not exc:
@@ -298,6 +316,7 @@ class MuxConnection:
 
     def _close(self, sid: int, session: Session) -> None:
         self.sessions.pop(sid, None)
+        self._vector.forget(sid)
         self.server.sessions.close(session)
 
     def _error(self, rid: int, code: ErrorCode, message: str) -> None:

@@ -37,9 +37,13 @@ class EnvServer:
 
     def open_session(self, key: str | None = None, env: str | None = None, options: dict[str, Any] | None = None) -> Session:
         """Open a session of the default environment, or of ``env`` with its own defaults."""
-        if env is None or env == self.config.env:
+        default = env is None or env == self.config.env
+        env_class = self.env_class if default else envs.load(env)  # type: ignore[arg-type]
+        reserved = env_class.operator_options & (options or {}).keys()
+        if reserved:
+            raise ServerError(ErrorCode.VALIDATION_ERROR, f"option(s) {', '.join(sorted(reserved))} of {env_class.name} can only be set by the server's operator")
+        if default:
             return self.sessions.open(key, **(options or {}))
-        env_class = envs.load(env)
         return self.sessions.open(key, env_class, **(options or {}))
 
     async def reset(self, session: Session, seed: int | None, options: dict[str, Any] | None) -> Any:

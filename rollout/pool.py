@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from envserver.protocol import StepResult
+from envserver.protocol import StepResult, episode_seed
 
 from .client import ClientState, EnvClient
 from .config import FleetConfig
@@ -56,14 +56,6 @@ class PoolState(enum.Enum):
     NEW = "new"
     OPEN = "open"
     CLOSED = "closed"
-
-
-def episode_seed(seed: int, episode: int) -> int:
-    """The seed of episode ``episode`` of a run seeded ``seed`` (SplitMix64 of both)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (episode + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 1  # 63 bits: fits every seed type downstream
 
 
 class _Slot:
