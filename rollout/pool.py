@@ -17,7 +17,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -27,6 +27,9 @@ from .client import ClientState, EnvClient
 from .config import FleetConfig
 from .errors import EnvCrashed, EnvError, PoolClosed
 from .fleet import FleetBackend, make_backend
+
+if TYPE_CHECKING:
+    from .vector import VectorPool
 
 log = logging.getLogger("rollout.pool")
 
@@ -307,6 +310,12 @@ class EnvPool:
         if len(actions) != len(ids):
             raise ValueError(f"{len(actions)} actions for {len(ids)} envs")
         return await self._batch("step", ids, actions, return_exceptions)
+
+    def vector(self, autoreset: str = "next_step", *, batch_size: int | None = None, text: bool = False) -> VectorPool:
+        """The pool's envs as one numpy batch (``rollout.vector.VectorPool``), auto-reset by the servers."""
+        from .vector import VectorPool
+
+        return VectorPool(self, autoreset, batch_size=batch_size, text=text)
 
     async def states(self, env_ids: Sequence[int] | None = None) -> list[Any]:
         ids = range(self.n) if env_ids is None else env_ids
