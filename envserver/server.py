@@ -39,7 +39,10 @@ class EnvServer:
         """Open a session of the default environment, or of ``env`` with its own defaults."""
         default = env is None or env == self.config.env
         env_class = self.env_class if default else envs.load(env)  # type: ignore[arg-type]
-        reserved = env_class.operator_options & (options or {}).keys()
+        operator = self.config.env_options if default else {}
+        given = options or {}
+        # a client may repeat the operator's value (pools send their fleet's options), never choose its own
+        reserved = sorted(k for k in env_class.operator_options & given.keys() if k not in operator or given[k] != operator[k])
         if reserved:
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"option(s) {', '.join(sorted(reserved))} of {env_class.name} can only be set by the server's operator")
         if default:

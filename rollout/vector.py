@@ -97,20 +97,24 @@ class VectorPool:
     # -- Gymnasium-shaped calls
 
     async def reset(self, seed: int | Sequence[int] | None = None, env_ids: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
-        """Start new episodes in ``env_ids`` (default all); ``seed`` is the run seed, or one base seed per env."""
+        """Start new episodes in ``env_ids`` (default all); ``seed`` is the run seed, or one base seed per env.
+
+        Without a seed, each env starts the next episode of its seed sequence, as Gymnasium's ``reset()`` does.
+        """
         self._check_idle("reset")
         ids = self._ids(env_ids)
-        if seed is None:
-            bases: list[int | None] = [None] * len(ids)
-        elif isinstance(seed, (int, np.integer)):
-            bases = [episode_seed(int(seed), int(i)) for i in ids]
+        if seed is None:  # as Gymnasium: go on with each env's seed sequence (unseeded if it never had one)
+            self._episode[ids] = np.where(self._started[ids], self._episode[ids] + 1, 0)
         else:
-            bases = [int(s) for s in seed]
-            if len(bases) != len(ids):
-                raise ValueError(f"{len(bases)} seeds for {len(ids)} envs")
-        for i, base in zip(ids.tolist(), bases):
-            self._base[i] = base
-        self._episode[ids] = 0
+            if isinstance(seed, (int, np.integer)):
+                bases: list[int | None] = [episode_seed(int(seed), int(i)) for i in ids]
+            else:
+                bases = [int(s) for s in seed]
+                if len(bases) != len(ids):
+                    raise ValueError(f"{len(bases)} seeds for {len(ids)} envs")
+            for i, base in zip(ids.tolist(), bases):
+                self._base[i] = base
+            self._episode[ids] = 0
         self._send_resets(ids)
         obs, reward, terminated, truncated, info = await self._receive(len(ids), by_id=env_ids is None)
         return obs, info
