@@ -141,7 +141,7 @@ class _Episodes:
     def __init__(self) -> None:
         self.base: int | None = None
         self.episode = 0
-        self.ended = True  # a session never reset starts its first episode on its first step
+        self.ended = False  # set when a vstep ends its episode; a session reset by the typed API steps as usual
 
     def next_seed(self) -> int | None:
         return None if self.base is None else episode_seed(self.base, self.episode)
