@@ -1,0 +1,175 @@
+"""VectorPool over the local backend: numpy batches, auto-reset, seeds, send/recv, bad input, a server dying."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from rollout import EnvCrashed, EnvError, EnvPool, EpisodeOver, InvalidAction
+from rollout.vector import VectorPool
+
+
+def random_legal(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """One uniformly random legal action per row (0 where nothing is legal)."""
+    return np.argmax(rng.random(mask.shape) * mask, axis=1)
+
+
+async def play(vector: VectorPool, steps: int, seed: int) -> list[tuple[np.ndarray, ...]]:
+    rng = np.random.default_rng(seed)
+    obs, info = await vector.reset(seed=seed)
+    trace = [(obs,)]
+    for _ in range(steps):
+        obs, reward, terminated, truncated, info = await vector.step(random_legal(rng, info["action_mask"]))
+        trace.append((obs, reward, terminated, truncated))
+    return trace
+
+
+async def test_step_returns_stacked_numpy_arrays_and_episode_statistics() -> None:
+    async with EnvPool(n=6, game="catch", servers=2) as pool:
+        vector = pool.vector()
+        obs, info = await vector.reset(seed=0)
+        assert obs.shape == (6, 10, 5) and obs.dtype == np.float32
+        assert info["env_id"].tolist() == list(range(6)) and info["action_mask"].dtype == np.bool_
+        totals = np.zeros(6)
+        for step in range(9):
+            obs, reward, terminated, truncated, info = await vector.step(np.ones(6, np.int64))
+            assert reward.dtype == np.float64 and terminated.dtype == np.bool_ and truncated.dtype == np.bool_
+            totals += reward
+        assert terminated.all() and not truncated.any()
+        assert info["_episode_return"].all() and info["episode_return"].tolist() == totals.tolist()
+        assert info["episode_length"].tolist() == [9] * 6
+        assert not info["action_mask"].any()  # nothing legal in a finished game
+        # next_step: this step resets (the actions are ignored, even illegal ones)
+        obs, reward, terminated, truncated, info = await vector.step(np.full(6, 2))
+        assert reward.tolist() == [0.0] * 6 and not terminated.any() and "episode_return" not in info
+        assert obs[:, 0].sum() == 6 and info["action_mask"].all()  # fresh boards: the ball in the top row
+
+
+async def test_a_run_replays_exactly_whatever_the_pool_shape() -> None:
+    async with EnvPool(n=5, game="catch", servers=2) as pool:
+        first = await play(pool.vector(), 25, seed=3)
+    async with EnvPool(n=5, game="catch", servers=1) as pool:
+        again = await play(pool.vector(), 25, seed=3)
+    for a, b in zip(first, again):
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y)
+    async with EnvPool(n=5, game="catch", servers=1) as pool:
+        other = await play(pool.vector(), 25, seed=4)
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+async def test_same_step_gives_the_final_observation_in_info() -> None:
+    async with EnvPool(n=4, game="catch", servers=1) as pool:
+        vector = pool.vector("same_step")
+        await vector.reset(seed=1)
+        for _ in range(9):
+            obs, reward, terminated, truncated, info = await vector.step(np.zeros(4, np.int64))
+        assert terminated.all() and info["_final_obs"].all()
+        assert info["final_obs"][:, :9].sum() == 0 and obs[:, 0].sum() == 4  # final boards apart, fresh ones returned
+        assert info["episode_length"].tolist() == [9] * 4
+        obs, reward, terminated, truncated, info = await vector.step(np.zeros(4, np.int64))
+        assert not terminated.any() and "final_obs" not in info
+
+
+async def test_send_recv_returns_the_first_batch_size_ready_envs() -> None:
+    async with EnvPool(n=8, game="catch", servers=2) as pool:
+        vector = pool.vector(batch_size=3)
+        with pytest.raises(EnvError, match="nothing to wait for"):
+            await vector.recv()
+        await vector.reset(seed=0)
+        vector.send(np.ones(8, np.int64))
+        seen: list[int] = []
+        while len(seen) < 8:
+            obs, reward, terminated, truncated, info = await vector.recv()
+            assert len(info["env_id"]) == obs.shape[0] <= 3
+            seen += info["env_id"].tolist()
+        assert sorted(seen) == list(range(8))
+        vector.send(np.ones(2, np.int64), env_ids=[5, 2])
+        with pytest.raises(ValueError, match="already in flight"):
+            vector.send(np.ones(1, np.int64), env_ids=[2])
+        with pytest.raises(ValueError, match="recv"):
+            await vector.step(np.ones(8, np.int64))
+        obs, reward, terminated, truncated, info = await vector.recv()
+        assert sorted(info["env_id"].tolist()) == [2, 5]
+        with pytest.raises(EnvError, match="nothing to wait for"):
+            await vector.recv()
+
+
+async def test_bad_actions_are_refused_before_sending_and_the_batch_stays_usable() -> None:
+    async with EnvPool(n=4, game="tic_tac_toe", servers=1) as pool:
+        vector = pool.vector()
+        with pytest.raises(EpisodeOver, match="reset"):
+            vector.send(np.zeros(4, np.int64))
+        obs, info = await vector.reset(seed=0)
+        sent = pool.clients[0].requests_sent
+        with pytest.raises(ValueError, match="expected 4 actions"):
+            await vector.step(np.zeros(3, np.int64))
+        with pytest.raises(ValueError, match="shape"):
+            await vector.step(np.zeros((4, 1), np.int64))
+        with pytest.raises(TypeError, match="integers"):
+            await vector.step(np.zeros(4, np.float32))
+        with pytest.raises(InvalidAction, match="env 0: 9"):
+            await vector.step(np.array([9, 0, 0, 0]))
+        with pytest.raises(InvalidAction, match="env 1: -1"):
+            await vector.step(np.array([0, -1, 0, 0]))
+        _, _, _, _, info = await vector.step([4, 4, 4, 4])  # a list of ints is fine too
+        taken = ~info["action_mask"][:, 4]
+        assert taken.all()  # the centre is taken now, by the agent
+        legal = np.argmax(info["action_mask"], axis=1)
+        with pytest.raises(InvalidAction, match="env 2: 4"):
+            await vector.step(np.where(np.arange(4) == 2, 4, legal))
+        assert pool.clients[0].requests_sent - sent == 1  # only the one good step went out
+        obs, reward, terminated, truncated, info = await vector.step(legal)
+        assert "error" not in info
+
+
+async def test_disabled_mode_refuses_finished_envs_until_reset() -> None:
+    async with EnvPool(n=2, game="catch", servers=1) as pool:
+        vector = pool.vector("disabled")
+        await vector.reset(seed=0)
+        for _ in range(9):
+            await vector.step(np.ones(2, np.int64))
+        with pytest.raises(EpisodeOver, match="autoreset is disabled"):
+            await vector.step(np.ones(2, np.int64))
+        obs, info = await vector.reset()  # the next episode of each env's seed sequence
+        await vector.step(np.ones(2, np.int64))
+
+
+async def test_a_dead_server_ends_its_envs_episodes_with_envcrashed_and_they_resume_on_the_replacement(alive) -> None:
+    async with EnvPool(n=8, game="catch", servers=2) as pool:
+        vector = pool.vector()
+        obs, info = await vector.reset(seed=0)
+        victim = pool.servers[0]
+        on_victim = np.array([env.server == victim for env in pool.envs])
+        pid = pool.backend.pid(victim)  # type: ignore[union-attr]
+        os.kill(pid, signal.SIGKILL)
+        started = time.monotonic()
+        obs, reward, terminated, truncated, info = await vector.step(np.ones(8, np.int64))
+        assert time.monotonic() - started < 1.0
+        assert truncated[on_victim].all() and not truncated[~on_victim].any()
+        assert info["_error"].tolist() == on_victim.tolist()
+        assert all("EnvCrashed" in message for message in info["error"][on_victim])
+        # the next step starts those envs' next episodes on the replacement server
+        obs, reward, terminated, truncated, info = await vector.step(np.ones(8, np.int64))
+        assert pool.servers[0] != victim and not alive(pid)
+        assert "error" not in info and obs[on_victim][:, 0].sum() == on_victim.sum()  # fresh boards
+        for _ in range(12):
+            obs, reward, terminated, truncated, info = await vector.step(np.ones(8, np.int64))
+            assert "error" not in info
+
+
+async def test_vector_rejects_bad_configuration() -> None:
+    async with EnvPool(n=2, game="catch", servers=1) as pool:
+        with pytest.raises(ValueError, match="autoreset"):
+            pool.vector("sometimes")
+        with pytest.raises(ValueError, match="batch_size"):
+            pool.vector(batch_size=3)
+        vector = pool.vector()
+        with pytest.raises(ValueError, match="env ids"):
+            await vector.reset(env_ids=[0, 2])
+        with pytest.raises(ValueError, match="duplicates"):
+            await vector.reset(env_ids=[1, 1])
