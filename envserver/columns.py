@@ -8,6 +8,7 @@ episode index and whether its episode ended) and answers a request with one ``Co
 from __future__ import annotations
 
 import logging
+import time
 from array import array
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -153,10 +154,12 @@ class VectorSessions:
     def __init__(self, live: Callable[[int], Session]) -> None:
         self._live = live
         self._episodes: dict[int, _Episodes] = {}
+        self._plans: dict[tuple[int, ...], _Plan] = {}  # sids -> their sessions; a training loop sends the same lists again and again
 
     def forget(self, sid: int) -> None:
         """Drop what is kept about a closed session."""
         self._episodes.pop(sid, None)
+        self._plans.clear()
 
     def handle(self, request: VecStep | VecReset) -> Columns:
         """Run one columnar request; a row that fails carries its coded error, the others go on."""
@@ -167,35 +170,55 @@ class VectorSessions:
                 raise ServerError(ErrorCode.VALIDATION_ERROR, f"{k} sids but {len(request.actions)} bytes of actions (8 per session)")
         elif len(request.seeds) != k or (request.episodes is not None and len(request.episodes) != k):  # type: ignore[union-attr]
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"{k} sids but {len(request.seeds)} seeds / episodes")  # type: ignore[union-attr]
-        if len(set(sids)) != k:
-            raise ServerError(ErrorCode.VALIDATION_ERROR, "a session appears twice in one columnar request")
-        envs: list[Any] = []
-        rows: list[int] = []
-        refused: dict[int, BaseException] = {}
-        env_class: Any = None
-        for row, sid in enumerate(sids):
-            try:
-                env = self._live(sid).env
-                if env.blocking:
-                    raise ServerError(ErrorCode.VALIDATION_ERROR, f"{env.name} is blocking: columnar batches take non-blocking environments")
-                if env_class is None:
-                    env_class = type(env)
-                elif type(env) is not env_class:
-                    raise ServerError(ErrorCode.VALIDATION_ERROR, f"session {sid} runs {env.name}, not {env_class.name}: one environment per columnar request")
-            except ServerError as exc:
-                refused[row] = exc
-                continue
-            envs.append(env)
-            rows.append(row)
-        if not envs:
+        plan = self._plan(sids)
+        if not plan.envs:
             batch = ColumnBatch(k, None, request.text)
-            for row, exc in refused.items():
+            for row, exc in plan.refused.items():
                 batch.fail(row, exc)
             return batch.columns()
-        spec = envs[0].column_spec()
+        spec = plan.envs[0].column_spec()
         if type(request) is VecStep:
-            return self._step(request, envs, rows, refused, env_class, spec)
-        return self._reset(request, envs, rows, refused, env_class, spec)  # type: ignore[arg-type]
+            return self._step(request, plan, spec)
+        return self._reset(request, plan, spec)  # type: ignore[arg-type]
+
+    def _plan(self, sids: list[int]) -> _Plan:
+        """The sessions of ``sids`` (cached while they all stay open), each marked used."""
+        key = tuple(sids)
+        plan = self._plans.get(key)
+        if plan is not None:
+            now = time.monotonic()
+            for session in plan.sessions:
+                if session.closed:
+                    break
+                session.last_used = now
+            else:
+                return plan
+            self._plans.clear()
+        if len(set(sids)) != len(sids):
+            raise ServerError(ErrorCode.VALIDATION_ERROR, "a session appears twice in one columnar request")
+        plan = _Plan()
+        for row, sid in enumerate(sids):
+            try:
+                session = self._live(sid)
+                env = session.env
+                if env.blocking:
+                    raise ServerError(ErrorCode.VALIDATION_ERROR, f"{env.name} is blocking: columnar batches take non-blocking environments")
+                if plan.env_class is None:
+                    plan.env_class = type(env)
+                elif type(env) is not plan.env_class:
+                    raise ServerError(ErrorCode.VALIDATION_ERROR, f"session {sid} runs {env.name}, not {plan.env_class.name}: one environment per columnar request")
+            except ServerError as exc:
+                plan.refused[row] = exc
+                continue
+            plan.sessions.append(session)
+            plan.envs.append(env)
+            plan.rows.append(row)
+            plan.states.append(self._episodes_of(sid))
+        if not plan.refused:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
 
     def _episodes_of(self, sid: int) -> _Episodes:
         episodes = self._episodes.get(sid)
@@ -203,35 +226,32 @@ class VectorSessions:
             episodes = self._episodes[sid] = _Episodes()
         return episodes
 
-    def _reset(self, request: VecReset, envs: list[Any], rows: list[int], refused: dict[int, BaseException], env_class: Any, spec: ColumnSpec | None) -> Columns:
+    def _reset(self, request: VecReset, plan: _Plan, spec: ColumnSpec | None) -> Columns:
         resets: dict[int, int | None] = {}
-        states = []
-        for position, row in enumerate(rows):
-            episodes = self._episodes_of(request.sids[row])
+        for position, row in enumerate(plan.rows):
+            episodes = plan.states[position]
             episodes.base = request.seeds[row]
             episodes.episode = request.episodes[row] if request.episodes is not None else 0
             episodes.ended = False
             resets[position] = episodes.next_seed()
-            states.append(episodes)
-        batch = _run(envs, rows, refused, env_class, spec, (), resets, request.text, len(request.sids))
-        for position, row in enumerate(rows):
+        batch = _run(plan, spec, (), resets, request.text, len(request.sids))
+        for position, row in enumerate(plan.rows):
             if row in batch.failures:
-                states[position].ended = True  # retried by the next step
+                plan.states[position].ended = True  # retried by the next step
         return batch.columns()
 
-    def _step(self, request: VecStep, envs: list[Any], rows: list[int], refused: dict[int, BaseException], env_class: Any, spec: ColumnSpec | None) -> Columns:
+    def _step(self, request: VecStep, plan: _Plan, spec: ColumnSpec | None) -> Columns:
         k = len(request.sids)
+        rows, states, envs = plan.rows, plan.states, plan.envs
         all_actions = array("q", request.actions).tolist()
         actions = all_actions if len(rows) == k else [all_actions[row] for row in rows]
         mode = request.autoreset
-        sids = request.sids
-        states = [self._episodes_of(sids[row]) for row in rows]
         resets: dict[int, int | None] = {}
         if mode != "disabled":
             for position, episodes in enumerate(states):
                 if episodes.ended:
                     resets[position] = _start_next(episodes)
-        batch = _run(envs, rows, refused, env_class, spec, actions, resets, request.text, k)
+        batch = _run(plan, spec, actions, resets, request.text, k)
         failures, terminated, truncated = batch.failures, batch.terminated, batch.truncated
         ended: list[int] = []
         for position, row in enumerate(rows):
@@ -245,7 +265,7 @@ class VectorSessions:
         # same_step: keep the last observations, then start the next episodes within this reply
         final_obs = bytes(batch.obs)
         fresh = ColumnBatch(len(ended), batch.spec, request.text)
-        env_class.write_batch([envs[p] for p in ended], (), fresh, {i: _start_next(states[p]) for i, p in enumerate(ended)})
+        plan.env_class.write_batch([envs[p] for p in ended], (), fresh, {i: _start_next(states[p]) for i, p in enumerate(ended)})
         size = batch.row_bytes
         for i, position in enumerate(ended):
             row = rows[position]
@@ -260,6 +280,20 @@ class VectorSessions:
         return batch.columns(final_obs)
 
 
+class _Plan:
+    """The live sessions of one request's sids: their envs, rows, auto-reset state, and the rows refused."""
+
+    __slots__ = ("sessions", "envs", "rows", "states", "refused", "env_class")
+
+    def __init__(self) -> None:
+        self.sessions: list[Session] = []
+        self.envs: list[Any] = []
+        self.rows: list[int] = []
+        self.states: list[_Episodes] = []
+        self.refused: dict[int, BaseException] = {}
+        self.env_class: Any = None
+
+
 def _start_next(episodes: _Episodes) -> int | None:
     """Move a session to its next episode; return that episode's seed."""
     episodes.episode += 1
@@ -267,17 +301,15 @@ def _start_next(episodes: _Episodes) -> int | None:
     return episodes.next_seed()
 
 
-def _run(
-    envs: list[Any], rows: list[int], refused: dict[int, BaseException], env_class: Any, spec: ColumnSpec | None,
-    actions: Sequence[int], resets: Mapping[int, int | None], text: bool, k: int,
-) -> ColumnBatch:
+def _run(plan: _Plan, spec: ColumnSpec | None, actions: Sequence[int], resets: Mapping[int, int | None], text: bool, k: int) -> ColumnBatch:
     """Let the environment class write the live rows, then place them at their rows of the request."""
+    envs, rows, refused = plan.envs, plan.rows, plan.refused
     if not refused:
         batch = ColumnBatch(k, spec, text)
-        env_class.write_batch(envs, actions, batch, resets)
+        plan.env_class.write_batch(envs, actions, batch, resets)
         return batch
     dense = ColumnBatch(len(envs), spec, text)
-    env_class.write_batch(envs, actions, dense, resets)
+    plan.env_class.write_batch(envs, actions, dense, resets)
     batch = ColumnBatch(k, dense.spec if dense.allocated else spec, text)
     size = batch.row_bytes
     for position, row in enumerate(rows):

@@ -104,12 +104,14 @@ class _TensorWriter:
         self._buffer = buffer if buffer is not None and buffer.has_tensor() else None
         self._view = memoryview(self._buffer).cast("B") if self._buffer is not None else None  # set_from rewrites this memory
         self._read = getattr(pyspiel.State, method)
+        self.write: Callable[[Any, int], memoryview] = self._write_in_place if self._buffer is not None else self._write_copy
 
-    def write(self, state: Any, player: int) -> memoryview:
+    def _write_in_place(self, state: Any, player: int) -> memoryview:
         """The tensor's bytes, valid until the next call."""
-        if self._view is not None:
-            self._buffer.set_from(state, player)  # type: ignore[union-attr]
-            return self._view
+        self._buffer.set_from(state, player)  # type: ignore[union-attr]
+        return self._view  # type: ignore[return-value]
+
+    def _write_copy(self, state: Any, player: int) -> memoryview:
         return memoryview(array("f", self._read(state, player))).cast("B")
 
     def __call__(self, state: Any, player: int) -> bytes:
@@ -202,6 +204,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         """Play each row and write its tensor in place, its mask row from a per-game cache: no observation object."""
         spec, size, obs = batch.spec, batch.row_bytes, batch.obs_view
         rewards, terminated, masks, text = batch.reward, batch.terminated, batch.mask, batch.text
+        game = write = mask_rows = None
         for row, env in enumerate(envs):
             try:
                 if row in resets:
@@ -210,24 +213,28 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
                 else:
                     before = env._return
                     player = env._apply(actions[row])
-                game = env._game
-                if game.column_spec is not spec and game.column_spec != spec:
-                    raise ServerError(ErrorCode.VALIDATION_ERROR, f"session plays {env._cfg.game}, not the batch's game: reset it")
+                if env._game is not game:
+                    game = env._game
+                    if game.column_spec != spec:
+                        raise ServerError(ErrorCode.VALIDATION_ERROR, f"session plays {env._cfg.game}, not the batch's game: reset it")
+                    write, mask_rows = game.tensor.write, game.mask_rows
                 state, agent = env._state, env._cfg.agent_player
                 legal = env._settle(player)
                 start = row * size
-                obs[start : start + size] = game.tensor.write(state, agent)
+                obs[start : start + size] = write(state, agent)
                 if before is not None:
                     rewards[row] = env._return - before
                     terminated[row] = env._over
                 key = tuple(legal)
-                mask = game.mask_rows.get(key)
+                mask = mask_rows.get(key)
                 if mask is None:
-                    mask = game.mask_rows[key] = batch.mask_row(legal)
+                    mask = mask_rows[key] = batch.mask_row(legal)
                 masks[row] = mask
                 if text is not None:
                     text[row] = game.render(state, agent)
             except Exception as exc:
+                if env._game is not game:  # the check above failed: compare the next row afresh
+                    game = None
                 batch.fail(row, exc)
 
     # -- episode internals

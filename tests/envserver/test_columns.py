@@ -12,6 +12,7 @@ from envserver.columns import ColumnBatch, VectorSessions
 from envserver.env import Environment
 from envserver.envs.openspiel import OpenSpielEnv
 from envserver.errors import ServerError
+from envserver.sessions import Session
 from envserver.protocol import Columns, ErrorCode, VecReset, VecStep, episode_seed
 
 columns_decoder = msgspec.msgpack.Decoder(Columns)
@@ -196,12 +197,8 @@ def test_openspiel_fast_path_writes_what_the_generic_path_writes(game: str) -> N
 
 def test_vector_sessions_derive_each_episode_seed_from_base_and_index() -> None:
     envs = {sid: OpenSpielEnv(game="catch") for sid in (1, 2)}
-
-    class Live:
-        def __init__(self, env: OpenSpielEnv) -> None:
-            self.env = env
-
-    sessions = VectorSessions(lambda sid: Live(envs[sid]))  # type: ignore[arg-type,return-value]
+    live = {sid: Session(str(sid), env) for sid, env in envs.items()}
+    sessions = VectorSessions(live.__getitem__)
     sessions.handle(VecReset(1, [1, 2], [10, 10], [0, 3]))
     assert envs[1]._seed == episode_seed(10, 0) and envs[2]._seed == episode_seed(10, 3)
     for _ in range(10):
