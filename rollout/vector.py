@@ -21,15 +21,18 @@ episode (the next one of its seed sequence) on the replacement server.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from envserver.protocol import Columns, episode_seed
 
-from .errors import EnvCrashed, EnvError, EpisodeOver, InvalidAction, PoolClosed
+from .client import ClientState
+from .errors import EnvCrashed, EnvError, EpisodeOver, InvalidAction
+from .pool import EpisodeRecord
 
 if TYPE_CHECKING:
     from .pool import EnvPool, _Slot
@@ -96,10 +99,14 @@ class VectorPool:
 
     # -- Gymnasium-shaped calls
 
-    async def reset(self, seed: int | Sequence[int] | None = None, env_ids: Sequence[int] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    async def reset(
+        self, seed: int | Sequence[int] | None = None, env_ids: Sequence[int] | None = None, *, episodes: Sequence[int] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start new episodes in ``env_ids`` (default all); ``seed`` is the run seed, or one base seed per env.
 
         Without a seed, each env starts the next episode of its seed sequence, as Gymnasium's ``reset()`` does.
+        ``episodes`` picks which episode of each env's sequence to start (default 0): base seed s and
+        episode e play the episode seeded ``episode_seed(s, e)``.
         """
         self._check_idle("reset")
         ids = self._ids(env_ids)
@@ -115,6 +122,10 @@ class VectorPool:
             for i, base in zip(ids.tolist(), bases):
                 self._base[i] = base
             self._episode[ids] = 0
+        if episodes is not None:
+            if len(episodes) != len(ids):
+                raise ValueError(f"{len(episodes)} episode indices for {len(ids)} envs")
+            self._episode[ids] = np.asarray(episodes, np.int64)
         self._send_resets(ids)
         obs, reward, terminated, truncated, info = await self._receive(len(ids), by_id=env_ids is None)
         return obs, info
@@ -209,8 +220,13 @@ class VectorPool:
     def _send_resets(self, ids: np.ndarray) -> None:
         self._busy[ids] = True
         generations = self._replacements()
+        timeout = self.pool.fleet_config.start_timeout + self.pool.config.request_timeout
         for slot_index, rows in self._by_slot(ids):
             part = ids[rows]
+            slot = self._slots[slot_index]
+            if slot.client.state is not ClientState.OPEN or not slot.ready.is_set():  # being replaced: reset on the new server
+                self._requests[asyncio.ensure_future(self._restart(slot, slot_index, part, timeout))] = (part, True)
+                continue
             self._generation[part] = generations[slot_index]
             self._lost[part] = False
             future = self._slots[slot_index].client.vreset(
@@ -395,6 +411,79 @@ class VectorPool:
         self._busy[:] = False
 
 
+VectorPolicy = Callable[[np.ndarray, np.ndarray], Any]  # (observations [k, ...], legal masks [k, A]) -> k actions
+
+
+def vectorized(policy: VectorPolicy) -> VectorPolicy:
+    """Mark ``policy(obs_batch, mask_batch) -> actions`` as batched, so ``rollout eval`` plays it through ``VectorPool``."""
+    policy.vectorized = True  # type: ignore[attr-defined]
+    return policy
+
+
+async def play_episodes(vector: VectorPool, policy: VectorPolicy, episodes: int, seed: int, *, skip: Iterable[int] = ()) -> AsyncIterator[EpisodeRecord]:
+    """Play episodes with a batched policy; yield each record as it finishes.
+
+    Episode i is seeded ``episode_seed(seed, i)``, as in ``EnvPool.run``, so both give the same
+    episodes. ``vector`` must not auto-reset (``autoreset="disabled"``): each finished env is
+    given the next episode to play. An episode lost with its server is played again (up to the
+    pool's ``max_episode_retries``). An exception of the policy carries the episode as ``exc.episode``.
+    """
+    if vector.autoreset != "disabled":
+        raise ValueError("play_episodes needs a VectorPool with autoreset='disabled'")
+    done = set(skip)
+    todo = deque(i for i in range(episodes) if i not in done)
+    current = np.full(vector.num_envs, -1, np.int64)
+    started = np.zeros(vector.num_envs)
+    retries: dict[int, int] = {}
+
+    async def start(free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Give the free envs the next episodes; reset again the ones whose server failed."""
+        ids = free[: len(todo)]
+        current[ids] = [todo.popleft() for _ in range(len(ids))]
+        started[ids] = time.perf_counter()
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for _ in range(vector.pool.config.max_episode_retries + 1):
+            obs, info = await vector.reset(seed=[seed] * len(ids), env_ids=ids, episodes=current[ids].tolist())
+            failed = info.get("_error", np.zeros(len(ids), bool))
+            mask = info.get("action_mask", np.ones((len(ids), 0), bool))
+            parts.append((ids[~failed], obs[~failed], mask[~failed]))
+            if not failed.any():
+                return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
+            error, ids = info["error"][np.flatnonzero(failed)[0]], ids[failed]
+        raise EnvCrashed(f"cannot start episode {int(current[ids[0]])}: {error}", env=int(ids[0]))
+
+    active, obs, mask = await start(np.arange(vector.num_envs))
+    while len(active):
+        try:
+            actions = policy(obs, mask)
+            vector.send(actions, active)
+        except Exception as exc:
+            env = getattr(exc, "env", None)
+            exc.episode = int(current[env] if isinstance(env, int) else current[active[0]])  # type: ignore[attr-defined]
+            raise
+        obs, reward, terminated, truncated, info = await vector.recv()
+        ids, finished = info["env_id"], terminated | truncated
+        errors = info.get("error")
+        for row in np.flatnonzero(finished):
+            env, episode = int(ids[row]), int(current[ids[row]])
+            if errors is not None and errors[row] is not None:
+                retries[episode] = retries.get(episode, 0) + 1
+                if retries[episode] > vector.pool.config.max_episode_retries:
+                    raise EnvCrashed(f"episode {episode} failed {retries[episode]} times: {errors[row]}", env=env)
+                todo.appendleft(episode)
+                continue
+            wall = time.perf_counter() - float(started[env])
+            info_out = {"server": vector.pool.envs[env].server, "env": env, "wall_time": wall}
+            if retries.get(episode):
+                info_out["retries"] = retries[episode]
+            yield EpisodeRecord(episode, episode_seed(seed, episode), float(info["episode_return"][row]), int(info["episode_length"][row]), info_out)
+        keep = ~finished
+        active, obs, mask = ids[keep], obs[keep], info["action_mask"][keep] if "action_mask" in info else mask[keep]
+        if finished.any() and todo:
+            new_ids, new_obs, new_mask = await start(ids[finished])
+            active, obs, mask = np.concatenate([active, new_ids]), np.concatenate([obs, new_obs]), np.concatenate([mask, new_mask])
+
+
 def _split(chunk: _Chunk, count: int) -> tuple[_Chunk, _Chunk]:
     head, tail = _Chunk(chunk.ids[:count], chunk.fresh), _Chunk(chunk.ids[count:], chunk.fresh)
     for name in ("obs", "reward", "terminated", "truncated", "mask", "final_obs"):
@@ -417,4 +506,4 @@ def _errors(chunks: list[_Chunk]) -> list[tuple[int, str]]:
     return found
 
 
-__all__ = ["AUTORESET_MODES", "VectorPool", "PoolClosed", "EnvCrashed"]
+__all__ = ["AUTORESET_MODES", "VectorPool", "play_episodes", "vectorized"]

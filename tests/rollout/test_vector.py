@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from rollout import EnvCrashed, EnvError, EnvPool, EpisodeOver, InvalidAction
-from rollout.vector import VectorPool
+from rollout.vector import VectorPool, play_episodes, vectorized
 
 
 def random_legal(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
@@ -173,3 +173,57 @@ async def test_vector_rejects_bad_configuration() -> None:
             await vector.reset(env_ids=[0, 2])
         with pytest.raises(ValueError, match="duplicates"):
             await vector.reset(env_ids=[1, 1])
+
+
+# ---------------------------------------------------------------------------- eval and bench on the vector path
+
+
+def first_legal(observation):  # type: ignore[no-untyped-def]
+    return observation.legal_actions[0]
+
+
+@vectorized
+def first_legal_batch(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return np.argmax(mask, axis=1)
+
+
+async def test_play_episodes_gives_the_same_episodes_as_pool_run() -> None:
+    async with EnvPool(n=5, game="tic_tac_toe", servers=2) as pool:
+        expected = {r.episode: r async for r in pool.run(first_legal, episodes=23, seed=7)}
+        got = {r.episode: r async for r in play_episodes(pool.vector("disabled"), first_legal_batch, 23, 7, skip={3, 4})}
+    assert sorted(got) == [i for i in range(23) if i not in (3, 4)]
+    for episode, record in got.items():
+        assert (record.seed, record.reward, record.length) == (expected[episode].seed, expected[episode].reward, expected[episode].length)
+        assert record.info["server"].startswith("http://127.0.0.1:")
+
+
+async def test_play_episodes_needs_a_non_resetting_vector_and_names_the_episode_of_a_bad_action() -> None:
+    async with EnvPool(n=2, game="catch", servers=1) as pool:
+        with pytest.raises(ValueError, match="disabled"):
+            [r async for r in play_episodes(pool.vector(), first_legal_batch, 4, 0)]
+
+        def illegal(obs: np.ndarray, mask: np.ndarray) -> np.ndarray:
+            return np.full(len(obs), 7)
+
+        with pytest.raises(InvalidAction) as info:
+            [r async for r in play_episodes(pool.vector("disabled"), illegal, 4, 0)]
+        assert info.value.episode in (0, 1)  # type: ignore[attr-defined]
+
+
+async def test_evaluate_plays_a_vectorized_policy_through_the_vector_path(tmp_path) -> None:
+    from rollout import evaluate
+
+    summary = await evaluate(first_legal_batch, 40, out=str(tmp_path / "run.jsonl"), game="catch", n=8, servers=1, progress=None)
+    assert summary.episodes == 40 and summary.played == 40
+    lines = (tmp_path / "run.jsonl").read_text().splitlines()
+    assert len(lines) == 41  # header + one line per episode
+    again = await evaluate(first_legal_batch, 50, out=str(tmp_path / "run.jsonl"), game="catch", n=8, servers=1, progress=None)
+    assert again.resumed == 40 and again.played == 10
+
+
+async def test_bench_vector_mode_counts_steps_and_episodes() -> None:
+    from rollout.bench import measure
+
+    async with EnvPool(n=16, game="catch", servers=1) as pool:
+        result = await measure(pool, "vector", 0.5, warmup=0.1)
+    assert result.mode == "vector" and result.steps >= 16 * 10 and result.episodes >= 16 and result.errors == 0
