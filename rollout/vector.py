@@ -154,7 +154,7 @@ class VectorPool:
         for slot_index, rows in self._by_slot(ids):
             slot = self._slots[slot_index]
             future = slot.client.vstep(self._sid[ids[rows]].tolist(), acts[rows].tobytes(), self.autoreset, text=self.text)
-            self._requests[future] = (ids[rows], False)
+            self._track(future, ids[rows], False)
 
     async def recv(self) -> StepTuple:
         """The first ``batch_size`` envs to be ready (fewer if fewer are in flight), ids in ``info["env_id"]``."""
@@ -225,14 +225,14 @@ class VectorPool:
             part = ids[rows]
             slot = self._slots[slot_index]
             if slot.client.state is not ClientState.OPEN or not slot.ready.is_set():  # being replaced: reset on the new server
-                self._requests[asyncio.ensure_future(self._restart(slot, slot_index, part, timeout))] = (part, True)
+                self._track(asyncio.ensure_future(self._restart(slot, slot_index, part, timeout)), part, True)
                 continue
             self._generation[part] = generations[slot_index]
             self._lost[part] = False
             future = self._slots[slot_index].client.vreset(
                 self._sid[part].tolist(), [self._base[i] for i in part.tolist()], self._episode[part].tolist(), text=self.text
             )
-            self._requests[future] = (part, True)
+            self._track(future, part, True)
 
     def _send_restarts(self, ids: np.ndarray) -> None:
         """Start the next episode of envs whose last one was lost, once their server is back."""
@@ -240,15 +240,19 @@ class VectorPool:
         timeout = self.pool.fleet_config.start_timeout + self.pool.config.request_timeout
         for slot_index, rows in self._by_slot(ids):
             part = ids[rows]
-            future = asyncio.ensure_future(self._restart(self._slots[slot_index], slot_index, part, timeout))
-            self._requests[future] = (part, True)
+            self._track(asyncio.ensure_future(self._restart(self._slots[slot_index], slot_index, part, timeout)), part, True)
+
+    def _track(self, future: asyncio.Future[Any], ids: np.ndarray, fresh: bool) -> None:
+        """Wait for ``future`` in ``recv``; if the pool closes first, its error is read here, not lost."""
+        self._requests[future] = (ids, fresh)
+        future.add_done_callback(_read_error)
 
     def _fail_now(self, ids: np.ndarray) -> None:
         self._busy[ids] = True
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         env = self.pool.envs[int(ids[0])]
         future.set_exception(EnvCrashed(f"the server was replaced during this episode (now {env.server})", env=int(ids[0]), server=env.server))
-        self._requests[future] = (ids, False)
+        self._track(future, ids, False)
 
     async def _restart(self, slot: _Slot, slot_index: int, ids: np.ndarray, timeout: float) -> Columns:
         try:
@@ -482,6 +486,11 @@ async def play_episodes(vector: VectorPool, policy: VectorPolicy, episodes: int,
         if finished.any() and todo:
             new_ids, new_obs, new_mask = await start(ids[finished])
             active, obs, mask = np.concatenate([active, new_ids]), np.concatenate([obs, new_obs]), np.concatenate([mask, new_mask])
+
+
+def _read_error(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # marks it read: an abandoned request must not log "exception was never retrieved"
 
 
 def _split(chunk: _Chunk, count: int) -> tuple[_Chunk, _Chunk]:
