@@ -36,7 +36,7 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from common import write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
+from common import cpu_seconds, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 
 OUT = Path(__file__).resolve().parent / "out" / "vector_throughput.json"
 
@@ -49,6 +49,21 @@ class Case(msgspec.Struct):
     steps_per_s: float
     note: str = ""
     error: str | None = None
+    cpu_s: float = 0.0  # CPU seconds of this process and its servers in the measured window
+    steps_per_cpu_s: float = 0.0  # on a busy machine, the steadier figure
+    cores_used: float = 0.0
+
+
+def cpu_now(pids: list[int] = ()) -> float:  # type: ignore[assignment]
+    """CPU seconds so far of this process (all its threads) and of ``pids``."""
+    return time.process_time() + sum(cpu_seconds(pid) for pid in pids)
+
+
+def with_cpu(case: Case, cpu: float) -> Case:
+    case.cpu_s = round(cpu, 3)
+    case.steps_per_cpu_s = round(case.steps / cpu, 1) if cpu > 0 else 0.0
+    case.cores_used = round(cpu / case.seconds, 2) if case.seconds else 0.0
+    return case
 
 
 class Report(msgspec.Struct):
@@ -58,18 +73,23 @@ class Report(msgspec.Struct):
     cpu_count: int
 
 
-def timed(name: str, n: int, seconds: float, warmup: float, run: Callable[[float], int], note: str = "") -> Case:
-    """Run ``run(deadline) -> steps`` for ``warmup`` then ``seconds`` seconds."""
+def timed(name: str, n: int, seconds: float, warmup: float, run: Callable[[float], int], note: str = "", pids: list[int] = ()) -> Case:  # type: ignore[assignment]
+    """Run ``run(deadline) -> steps`` for ``warmup`` then ``seconds`` seconds (CPU counted for this process and ``pids``)."""
     try:
         run(time.perf_counter() + warmup)
+        cpu = cpu_now(pids)
         started = time.perf_counter()
         steps = run(started + seconds)
         elapsed = time.perf_counter() - started
-        case = Case(name, n, steps, round(elapsed, 3), round(steps / elapsed, 1), note)
+        case = with_cpu(Case(name, n, steps, round(elapsed, 3), round(steps / elapsed, 1), note), cpu_now(pids) - cpu)
     except Exception as exc:  # a case that cannot run is reported, the others go on
         case = Case(name, n, 0, 0.0, 0.0, note, f"{type(exc).__name__}: {exc}")
-    print(f"{name:<40} n={n:<5} {case.steps_per_s:>12,.0f} steps/s {case.error or ''}", file=sys.stderr, flush=True)
+    report(case)
     return case
+
+
+def report(case: Case) -> None:
+    print(f"{case.name:<40} n={case.n:<5} {case.steps_per_s:>12,.0f} steps/s {case.steps_per_cpu_s:>12,.0f} steps/cpu-s {case.error or ''}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------- (a) in process
@@ -204,12 +224,15 @@ async def vector_case(pool_kwargs: dict[str, Any], n: int, seconds: float, warmu
                     break
             return steps
 
+        pids = [pool.backend.pid(url) for url in pool.servers]  # type: ignore[union-attr]
         await loop(time.perf_counter() + warmup)
+        cpu = cpu_now(pids)
         started = time.perf_counter()
         steps = await loop(started + seconds)
         elapsed = time.perf_counter() - started
-    case = Case(name, n, steps, round(elapsed, 3), round(steps / elapsed, 1), "batch_size n/2, two in flight" if pipelined else "step()")
-    print(f"{name:<40} n={n:<5} {case.steps_per_s:>12,.0f} steps/s", file=sys.stderr, flush=True)
+        cpu = cpu_now(pids) - cpu
+    case = with_cpu(Case(name, n, steps, round(elapsed, 3), round(steps / elapsed, 1), "batch_size n/2, two in flight" if pipelined else "step()"), cpu)
+    report(case)
     return case
 
 
@@ -218,9 +241,13 @@ async def per_env_case(n: int, seconds: float, warmup: float, servers: int) -> C
     from rollout.pool import EnvPool
 
     async with EnvPool(n=n, game="catch", servers=servers) as pool:
-        result = await measure(pool, "per-env", seconds, warmup=warmup)
-    case = Case("(c) per-env await env.step", n, result.steps, result.seconds, result.steps_per_s, "full observation (tensor, text, legal actions)")
-    print(f"{case.name:<40} n={n:<5} {case.steps_per_s:>12,.0f} steps/s", file=sys.stderr, flush=True)
+        pids = [pool.backend.pid(url) for url in pool.servers]  # type: ignore[union-attr]
+        await measure(pool, "per-env", warmup, warmup=0.0)
+        cpu = cpu_now(pids)
+        result = await measure(pool, "per-env", seconds, warmup=0.0)
+        cpu = cpu_now(pids) - cpu
+    case = with_cpu(Case("(c) per-env await env.step", n, result.steps, result.seconds, result.steps_per_s, "full observation (tensor, text, legal actions)"), cpu)
+    report(case)
     return case
 
 
@@ -288,7 +315,7 @@ def async_vector_case(n: int, seconds: float, warmup: float) -> Case:
                     steps += n
                 return steps
 
-            return timed("(d) gymnasium AsyncVectorEnv", n, seconds, warmup, run, "one subprocess per env")
+            return timed("(d) gymnasium AsyncVectorEnv", n, seconds, warmup, run, "one subprocess per env", [p.pid for p in envs.processes])
         finally:
             envs.close()
 

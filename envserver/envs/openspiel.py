@@ -111,6 +111,10 @@ class _TensorWriter:
         self._buffer.set_from(state, player)  # type: ignore[union-attr]
         return self._view  # type: ignore[return-value]
 
+    def in_place(self) -> tuple[Callable[[Any, int], None] | None, memoryview | None]:
+        """The buffer's ``set_from`` and the view it fills, for loops that call them directly (None, None without an observer)."""
+        return (self._buffer.set_from, self._view) if self._buffer is not None else (None, None)
+
     def _write_copy(self, state: Any, player: int) -> memoryview:
         return memoryview(array("f", self._read(state, player))).cast("B")
 
@@ -204,7 +208,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         """Play each row and write its tensor in place, its mask row from a per-game cache: no observation object."""
         spec, size, obs = batch.spec, batch.row_bytes, batch.obs_view
         rewards, terminated, masks, text = batch.reward, batch.terminated, batch.mask, batch.text
-        game = write = mask_rows = None
+        game = write = mask_rows = set_from = view = None
         for row, env in enumerate(envs):
             try:
                 if row in resets:
@@ -217,11 +221,16 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
                     game = env._game
                     if game.column_spec != spec:
                         raise ServerError(ErrorCode.VALIDATION_ERROR, f"session plays {env._cfg.game}, not the batch's game: reset it")
+                    set_from, view = game.tensor.in_place()
                     write, mask_rows = game.tensor.write, game.mask_rows
                 state, agent = env._state, env._cfg.agent_player
                 legal = env._settle(player)
                 start = row * size
-                obs[start : start + size] = write(state, agent)
+                if set_from is not None:
+                    set_from(state, agent)
+                    obs[start : start + size] = view
+                else:
+                    obs[start : start + size] = write(state, agent)
                 if before is not None:
                     rewards[row] = env._return - before
                     terminated[row] = env._over
@@ -271,11 +280,15 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
                 ErrorCode.INVALID_ACTION,
                 f"action {action_id} is not legal; legal actions: {self._legal}",
             )
+        state = self._state
         if self._player == _SIMULTANEOUS:
-            self._state.apply_actions(self._joint_action(action_id))
+            state.apply_actions(self._joint_action(action_id))
         else:
-            self._state.apply_action(action_id)
+            state.apply_action(action_id)
         self._steps += 1
+        player = state.current_player()
+        if player == self._cfg.agent_player or player == _TERMINAL:  # the common case, without a call to _advance
+            return player
         return self._advance()
 
     def _settle(self, player: int) -> list[int]:
