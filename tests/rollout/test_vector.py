@@ -227,3 +227,20 @@ async def test_bench_vector_mode_counts_steps_and_episodes() -> None:
     async with EnvPool(n=16, game="catch", servers=1) as pool:
         result = await measure(pool, "vector", 0.5, warmup=0.1)
     assert result.mode == "vector" and result.steps >= 16 * 10 and result.episodes >= 16 and result.errors == 0
+
+
+@pytest.mark.slow
+def test_vector_throughput_loadtest_runs_every_case_and_writes_its_report(tmp_path) -> None:
+    import json
+
+    import vector_throughput  # loadtests/ is on pytest's pythonpath
+
+    out = tmp_path / "vector.json"
+    vector_throughput.main(["--seconds", "0.3", "--warmup", "0.1", "--skip-async-256", "--out", str(out)])
+    report = json.loads(out.read_text())
+    cases = {(c["name"], c["n"]): c for c in report["cases"]}
+    for name, n in [("(a) in-process limit (tensor+mask)", 256), ("(b) pool.vector step()", 1024), ("(c) per-env await env.step", 256),
+                    ("(d) gymnasium AsyncVectorEnv", 8), ("(e) envfleet gymnasium adapter CartPole", 256)]:
+        assert cases[(name, n)]["steps"] > 0 and cases[(name, n)]["error"] is None, cases[(name, n)]
+    assert report["ratios"]["b_best / a"] is not None and set(report["targets"]) == {"(b) >= 0.75 x (a)", "(c) >= 0.35 x (a')", "(b) >= 5 x (d)"}
+    assert len(report["load_average"]) == 3
