@@ -69,6 +69,7 @@ class _Game:
         if initial.current_player() == _CHANCE:
             self.initial_chance = tuple(initial.chance_outcomes())
         self.num_players = self.game.num_players()
+        self.terminal_rewards = game_type.reward_model == pyspiel.GameType.RewardModel.TERMINAL  # returns are 0 until the end
         self.tensor_shape: tuple[int, ...] = ()
         self.tensor: _TensorWriter | None = None  # the agent's tensor as float32 bytes
         if game_type.provides_information_state_tensor:
@@ -297,7 +298,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         self._player = player
         self._over = over = player == _TERMINAL
         self._legal = legal = [] if over else state.legal_actions(agent)
-        self._return = state.player_return(agent)
+        self._return = state.player_return(agent) if over or not self._game.terminal_rewards else 0.0  # type: ignore[union-attr]
         return legal
 
     def state(self) -> OpenSpielState:
