@@ -1,10 +1,11 @@
 """Any registered Gymnasium environment, served as an envserver environment.
 
 The operator names the Gymnasium id (``envserver --env gymnasium --env-options
-'{"id": "CartPole-v1"}'``); clients cannot, since ``gymnasium.make`` may import any
-module. Observations of Box and Discrete spaces travel as float32 tensors (a Discrete
-observation as a tensor of shape ``(1,)``); actions are ints for Discrete action spaces and
-lists of floats for Box ones. ``reset(seed=...)`` passes the seed through to Gymnasium.
+'{"id": "CartPole-v1"}'``, the default); clients cannot, since ``gymnasium.make`` may
+import any module. Observations of Box and Discrete spaces travel as float32 tensors (a Discrete
+observation as a tensor of shape ``(1,)``); actions are ints for Discrete action spaces
+(``{"action": 1}``, or a bare int on the mux) and lists of floats for Box ones
+(``{"action": [0.5]}``). ``reset(seed=...)`` passes the seed through to Gymnasium.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ from ..protocol import ErrorCode, StepResult, Tensor
 class GymnasiumConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """The operator's choice: which Gymnasium id, and keyword arguments for ``gymnasium.make``."""
 
-    id: str | None = None
+    id: str = "CartPole-v1"
     kwargs: dict[str, Any] = {}
 
 
 class GymnasiumAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     """An action of the Gymnasium action space: an int (Discrete) or a list of floats (Box)."""
 
-    action: int | list[float]
+    action: int | list[float] = 0
 
 
 class GymnasiumObservation(msgspec.Struct, gc=False):
@@ -59,8 +60,6 @@ class GymnasiumEnv(Environment[GymnasiumAction, GymnasiumObservation, GymnasiumS
             config = msgspec.convert(options, GymnasiumConfig)
         except msgspec.ValidationError as exc:
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad gymnasium options: {exc}") from None
-        if not config.id:
-            raise ServerError(ErrorCode.VALIDATION_ERROR, "the server's operator must name a Gymnasium id: --env-options '{\"id\": \"CartPole-v1\"}'")
         try:
             self._env = gymnasium.make(config.id, **{"disable_env_checker": True, **config.kwargs})
         except gymnasium.error.Error as exc:
@@ -92,9 +91,7 @@ class GymnasiumEnv(Environment[GymnasiumAction, GymnasiumObservation, GymnasiumS
     def parse_action(cls, raw: Any) -> GymnasiumAction:
         if type(raw) is int:  # the mux's compact form
             return GymnasiumAction(raw)
-        if isinstance(raw, dict):
-            return super().parse_action(raw)
-        return super().parse_action({"action": raw})
+        return super().parse_action(raw)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> StepResult[GymnasiumObservation]:
         observation, info = self._begin(seed, options)

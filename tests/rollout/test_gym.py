@@ -138,6 +138,15 @@ async def test_clients_cannot_choose_the_gymnasium_id(spawn_server, mux_connect)
     assert not other.ok
 
 
-def test_gymnasium_adapter_refuses_start_without_an_id(spawn_server) -> None:
-    with pytest.raises(RuntimeError, match="Gymnasium id"):
-        spawn_server("--env", "gymnasium")
+async def test_gymnasium_adapter_serves_cartpole_when_the_operator_names_no_id(spawn_server, mux_connect) -> None:
+    server = spawn_server("--env", "gymnasium")
+    mux = await mux_connect(server)
+    await mux.one("open", 1)
+    assert await mux.one("state", 1) == {"id": "CartPole-v1", "step_count": 0, "seed": None}
+    (bad,) = await mux.call(mux.req("step", 1, {"action": [0.5, 0.5]}))
+    assert not bad.ok and bad.body["code"] in ("EPISODE_OVER", "INVALID_ACTION")
+    await mux.one("reset", 1, 3)
+    (bad,) = await mux.call(mux.req("step", 1, {"action": [0.5, 0.5]}))
+    assert not bad.ok and bad.body["code"] == "INVALID_ACTION"
+    body = await mux.one("step", 1, {"action": 1})
+    assert body["reward"] == 1.0
