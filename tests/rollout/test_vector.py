@@ -244,3 +244,26 @@ def test_vector_throughput_loadtest_runs_every_case_and_writes_its_report(tmp_pa
         assert cases[(name, n)]["steps"] > 0 and cases[(name, n)]["error"] is None, cases[(name, n)]
     assert report["ratios"]["b_best / a"] is not None and set(report["targets"]) == {"(b) >= 0.75 x (a)", "(c) >= 0.35 x (a')", "(b) >= 5 x (d)"}
     assert len(report["load_average"]) == 3
+
+
+def test_cli_bench_vector_mode_and_eval_of_a_vectorized_policy(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    def rollout_cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "rollout.cli", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+
+    bench = rollout_cli("bench", "--n", "8", "--servers", "1", "--seconds", "0.5", "--mode", "vector", "--json")
+    assert bench.returncode == 0, bench.stderr
+    (row,) = json.loads(bench.stdout)["results"]
+    assert row["mode"] == "vector" and row["steps"] > 0 and row["episodes"] > 0
+    (tmp_path / "batched_policy.py").write_text(
+        "import numpy as np\nfrom rollout.vector import vectorized\n\n"
+        "@vectorized\ndef stay(obs, mask):\n    return np.full(len(obs), 1)\n"
+    )
+    evaluated = rollout_cli("eval", "--policy", "batched_policy:stay", "--episodes", "30", "--n", "8", "--servers", "1",
+                            "--out", str(tmp_path / "run.jsonl"), "--summary-json", "-")
+    assert evaluated.returncode == 0, evaluated.stderr
+    summary = json.loads(evaluated.stdout)
+    assert summary["episodes"] == 30 and summary["policy"] == "batched_policy:stay"
