@@ -19,6 +19,7 @@ from typing import Any
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .columns import VectorSessions
 from .errors import ServerError
 from .metrics import mux_latency
 from .protocol import (
@@ -37,6 +38,8 @@ from .protocol import (
     ResetMany,
     Step,
     StepMany,
+    VecReset,
+    VecStep,
     msgpack_encoder,
     mux_request_decoder,
 )
@@ -45,7 +48,7 @@ from .sessions import Session
 
 log = logging.getLogger("envserver.mux")
 
-_MANY = (StepMany, ResetMany)
+_MANY = (StepMany, ResetMany, VecStep, VecReset)
 
 
 class _Head(msgspec.Struct, array_like=True):
@@ -73,6 +76,7 @@ class MuxConnection:
         self.last_seen = self._now  # the client's last sign of life (a frame): keeps its sessions alive
         self._blocking = 0  # calls of blocking envs in flight
         self._latency = mux_latency(server)
+        self._vector = VectorSessions(self._live)  # vstep / vreset
 
     async def serve(self) -> None:
         writer = asyncio.create_task(self._write_forever())
@@ -182,6 +186,9 @@ class MuxConnection:
             if kind is Ping:
                 self._outbox.append(Reply(rid, True, None))
                 return True
+            if kind is VecStep or kind is VecReset:
+                self._columns(request)  # type: ignore[arg-type]
+                return True
             session = self._live(request.sid)  # type: ignore[union-attr]
             env = session.env
             if env.blocking:
@@ -278,6 +285,17 @@ class MuxConnection:
         self._track(asyncio.create_task(finish()))
         return False
 
+    def _columns(self, request: VecStep | VecReset) -> None:
+        """Answer a columnar batch with one reply of packed arrays (envserver/columns.py)."""
+        columns = self._vector.handle(request)
+        stats = self.server.stats
+        if type(request) is VecStep:
+            stats.steps += len(request.sids)
+        else:
+            stats.resets += len(request.sids)
+        stats.errors += len(columns.failures)
+        self._outbox.append(Reply(request.id, True, columns))
+
     def _failure(self, exc: Exception) -> ErrorInfo:
         error = coded(exc)
         if error is not exc:
@@ -350,6 +368,7 @@ class MuxConnection:
 
     def _close(self, sid: int, session: Session) -> None:
         self.sessions.pop(sid, None)
+        self._vector.forget(sid)
         self.server.sessions.close(session)
 
     def _error(self, rid: int, code: ErrorCode, message: str) -> None:

@@ -290,8 +290,74 @@ class ResetMany(_Request, tag="resets"):
     options: dict[str, Any] | None = None
 
 
-MuxRequest = Open | Reset | Step | GetState | Close | Ping | StepMany | ResetMany
-OPS = ("open", "reset", "step", "state", "close", "ping", "steps", "resets")
+# ---- columnar batches (``vstep``/``vreset``): k sessions in, packed arrays out
+
+AutoReset = Literal["next_step", "same_step", "disabled"]
+
+
+class VecStep(_Request, tag="vstep"):
+    """Step k sessions with discrete actions; the reply body is ``Columns``.
+
+    ``actions`` holds k little-endian int64 values. ``autoreset`` follows Gymnasium 1.x:
+    ``next_step`` resets a session that ended on the previous step (its action is
+    ignored), ``same_step`` resets it in the step that ended it (the last observation goes
+    to ``Columns.final_obs``), ``disabled`` never resets. Episode e of a session reset with
+    base seed b is seeded ``episode_seed(b, e)``.
+    """
+
+    sids: list[int]
+    actions: bytes
+    autoreset: AutoReset = "next_step"
+    text: bool = False  # also send each session's text rendering
+
+
+class VecReset(_Request, tag="vreset"):
+    """Reset k sessions: ``seeds[i]`` is session i's base seed (None: unseeded); the reply body is ``Columns``.
+
+    ``episodes[i]`` (default 0) is the index of the episode to start, so a client that
+    lost a server can resume a session's seed sequence on the replacement.
+    """
+
+    sids: list[int]
+    seeds: list[int | None]
+    episodes: list[int] | None = None
+    text: bool = False
+
+
+MuxRequest = Open | Reset | Step | GetState | Close | Ping | StepMany | ResetMany | VecStep | VecReset
+OPS = ("open", "reset", "step", "state", "close", "ping", "steps", "resets", "vstep", "vreset")
+
+
+class Columns(msgspec.Struct, array_like=True, gc=False):
+    """The body of a ``vstep``/``vreset`` reply: little-endian arrays over the request's k sessions.
+
+    Row i belongs to ``sids[i]``. A failed row (see ``failures``) is zeros. ``mask`` is the
+    legal-action mask (one byte per action, 1 = legal) of environments with discrete
+    actions; ``final_obs`` (``same_step`` only, when a row ended) holds the last observation
+    of each row that ended in this step and was reset (read only those rows).
+    """
+
+    obs_shape: tuple[int, ...]
+    obs: bytes  # float32 [k, *obs_shape]
+    reward: bytes  # float64 [k]
+    terminated: bytes  # uint8 [k]
+    truncated: bytes  # uint8 [k]
+    num_actions: int = 0  # 0: no discrete actions, no mask
+    mask: bytes = b""  # uint8 [k, num_actions]
+    failures: dict[int, ErrorInfo] = {}  # row -> why it failed
+    final_obs: bytes = b""  # float32 [k, *obs_shape], same_step only, when a row ended
+    text: list[str] | None = None
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The seed of episode ``episode`` of a run (or session) seeded ``seed`` (SplitMix64 of both)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (episode + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1  # 63 bits: fits every seed type downstream
+
+
+# ---- end columnar batches
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 class BenchResult(msgspec.Struct):
     """One measured mode."""
 
-    mode: str  # "per-env": n coroutines each stepping its env; "batched": pool.step over each server's envs
+    mode: str  # "per-env": n coroutines each stepping its env; "batched": pool.step over each server's envs; "vector": pool.vector().step
     n: int
     servers: int
     seconds: float
@@ -194,7 +194,25 @@ def batches(pool: EnvPool) -> list[list[int]]:
     return groups
 
 
-MODES = {"per-env": _per_env, "batched": _batched}
+async def _vector(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int) -> None:
+    """``pool.vector().step`` over all envs with uniformly random legal actions (numpy), auto-reset in the servers."""
+    import numpy as np
+
+    vector = pool.vector()
+    rng = np.random.default_rng(seed)
+    clock = time.perf_counter
+    _, info = await vector.reset(seed=seed)
+    while clock() < stop_at:
+        mask = info.get("action_mask")
+        actions = np.argmax(rng.random(mask.shape) * mask, axis=1) if mask is not None else np.zeros(pool.n, np.int64)
+        start = clock()
+        _, _, terminated, truncated, info = await vector.step(actions)
+        counter.latencies.append(clock() - start)
+        counter.steps += pool.n
+        counter.episodes += int((terminated | truncated).sum())
+
+
+MODES = {"per-env": _per_env, "batched": _batched, "vector": _vector}
 
 
 async def _progress(label: str, counter: StepCounter, started: float, seconds: float, stream: Any) -> None:

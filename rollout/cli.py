@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _fleet_args(bench)
     _dashboard_arg(bench)
     bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per mode (default: 10)")
-    bench.add_argument("--mode", choices=["per-env", "batched", "both"], default="both")
+    bench.add_argument("--mode", choices=["per-env", "batched", "vector", "both", "all"], default="both", help="both: per-env and batched; all: also vector (numpy batches, auto-reset in the servers)")
     bench.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write results as JSON to PATH (or stdout)")
     bench.add_argument("--keep-going", action="store_true", help="count failed calls (by class) and go on instead of stopping at the first")
     bench.set_defaults(handler=_bench)
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = commands.add_parser("eval", help="play a policy for many episodes into a resumable JSONL file")
     _fleet_args(ev)
     _dashboard_arg(ev)
-    ev.add_argument("--policy", default="random", help="random, first-legal or module:function (default: random)")
+    ev.add_argument("--policy", default="random", help="random, first-legal or module:function; a function marked rollout.vector.vectorized plays batched (default: random)")
     ev.add_argument("--episodes", type=int, default=1000, help="episodes to play (default: 1000)")
     ev.add_argument("--seed", type=int, default=0, help="run seed; episode i is seeded from it and i (default: 0)")
     ev.add_argument("--out", required=True, help="results JSONL; re-running with the same file resumes")
@@ -224,7 +224,7 @@ async def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, table
     from .dashboard import maybe_dashboard
 
-    modes = ["per-env", "batched"] if args.mode == "both" else [args.mode]
+    modes = {"both": ["per-env", "batched"], "all": ["per-env", "batched", "vector"]}.get(args.mode, [args.mode])
     async with maybe_dashboard(args.dashboard, "bench") as telemetry:
         report = await run_bench(_pool_kwargs(args), modes, args.seconds, telemetry=telemetry, keep_going=args.keep_going)
     if args.json:

@@ -33,6 +33,7 @@ from envserver.protocol import (
     STATE_TYPES,
     Batch,
     Close,
+    Columns,
     ErrorInfo,
     GetState,
     MuxRequest,
@@ -42,6 +43,8 @@ from envserver.protocol import (
     ResetMany,
     StepMany,
     StepResult,
+    VecReset,
+    VecStep,
     msgpack_decoder,
     msgpack_encoder,
     mux_reply_decoder,
@@ -62,6 +65,7 @@ log = logging.getLogger("rollout.client")
 
 _error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
 _open_decoder = msgpack_decoder(OpenResult)
+_columns_decoder = msgpack_decoder(Columns)
 
 DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024  # envserver's default --max-frame-bytes
 
@@ -357,6 +361,14 @@ class EnvClient:
         self._inflight[request.id] = pending
         self._send(request)
         return future
+
+    def vstep(self, sids: list[int], actions: bytes, autoreset: str = "next_step", *, text: bool = False, label: Any = None) -> asyncio.Future[Columns]:
+        """Step many sessions in one columnar request (``actions``: k little-endian int64); the future gives ``Columns``."""
+        return self._call(VecStep(next(self._ids), sids, actions, autoreset, text), _columns_decoder, label)  # type: ignore[arg-type]
+
+    def vreset(self, sids: list[int], seeds: list[int | None], episodes: list[int] | None = None, *, text: bool = False, label: Any = None) -> asyncio.Future[Columns]:
+        """Reset many sessions in one columnar request (``seeds``: base seeds); the future gives ``Columns``."""
+        return self._call(VecReset(next(self._ids), sids, seeds, episodes, text), _columns_decoder, label)
 
     # -- machinery
 

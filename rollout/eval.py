@@ -4,7 +4,9 @@
 
 Policies are ``"random"`` (uniform over legal actions, seeded from each episode's seed, so a
 run is reproducible), ``"first-legal"``, a ``"module:function"`` to import, or a callable;
-custom ones are ``policy(observation) -> action``, sync or async, as for ``EnvPool.run``.
+custom ones are ``policy(observation) -> action``, sync or async, as for ``EnvPool.run``, or batched
+``policy(obs_batch, mask_batch) -> actions`` marked with ``rollout.vector.vectorized``, which play
+through ``VectorPool`` (numpy arrays, one columnar request per server per step).
 Re-running with the same ``out`` appends only the episodes not recorded yet (see
 ``rollout.results`` for the file and how a killed job's last line is repaired).
 """
@@ -15,7 +17,7 @@ import asyncio
 import importlib
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import IO, TYPE_CHECKING, Any
 
 from .errors import EnvError, EvalError, InvalidAction, PolicyFailed, UnencodableAction
@@ -213,7 +215,7 @@ async def _play(
             telemetry.start_eval(episodes, episodes - todo)
         bar.start()  # also starts the clock
         try:
-            async for record in pool.run(factory, episodes, seed, skip=skip, per_episode=True):
+            async for record in _records(pool, factory, episodes, seed, skip):
                 info = record.info
                 line = EpisodeLine(
                     episode=record.episode, seed=record.seed, ret=record.reward, length=record.length,
@@ -239,3 +241,13 @@ async def _play(
             await bar.stop()
         seconds = time.perf_counter() - bar.started
     return played, seconds
+
+
+def _records(pool: EnvPool, factory: PolicyFactory, episodes: int, seed: int, skip: set[int]) -> AsyncIterator[EpisodeRecord]:
+    """The pool's episode records: through ``VectorPool`` when the policy is batched (``rollout.vector.vectorized``)."""
+    policy = factory(seed)
+    if getattr(policy, "vectorized", False):
+        from .vector import play_episodes
+
+        return play_episodes(pool.vector("disabled"), policy, episodes, seed, skip=skip)
+    return pool.run(factory, episodes, seed, skip=skip, per_episode=True)

@@ -17,16 +17,19 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from envserver.protocol import StepResult
+from envserver.protocol import StepResult, episode_seed
 
 from .client import DEFAULT_MAX_FRAME_BYTES, ClientState, EnvClient
 from .config import FleetConfig
 from .errors import EnvCrashed, EnvError, FleetError, PoolClosed, RequestTimeout, UnknownSession
 from .fleet import FleetBackend, make_backend
+
+if TYPE_CHECKING:
+    from .vector import VectorPool
 
 log = logging.getLogger("rollout.pool")
 
@@ -69,14 +72,6 @@ class PoolState(enum.Enum):
     NEW = "new"
     OPEN = "open"
     CLOSED = "closed"
-
-
-def episode_seed(seed: int, episode: int) -> int:
-    """The seed of episode ``episode`` of a run seeded ``seed`` (SplitMix64 of both)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (episode + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 1  # 63 bits: fits every seed type downstream
 
 
 class _Slot:
@@ -371,6 +366,12 @@ class EnvPool:
         if len(actions) != len(ids):
             raise ValueError(f"{len(actions)} actions for {len(ids)} envs")
         return await self._batch("step", ids, actions, return_exceptions)
+
+    def vector(self, autoreset: str = "next_step", *, batch_size: int | None = None, text: bool = False) -> VectorPool:
+        """The pool's envs as one numpy batch (``rollout.vector.VectorPool``), auto-reset by the servers."""
+        from .vector import VectorPool
+
+        return VectorPool(self, autoreset, batch_size=batch_size, text=text)
 
     async def states(self, env_ids: Sequence[int] | None = None) -> list[Any]:
         ids = range(self.n) if env_ids is None else env_ids

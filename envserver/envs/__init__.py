@@ -12,6 +12,7 @@ _REGISTRY = {
     "openspiel": "envserver.envs.openspiel:OpenSpielEnv",
     "echo": "envserver.envs.echo:EchoEnv",
     "python_sandbox": "envserver.envs.python_sandbox:PythonSandboxEnv",
+    "gymnasium": "envserver.envs.gymnasium_env:GymnasiumEnv",
 }
 
 
