@@ -19,7 +19,8 @@ log = logging.getLogger("envserver")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="envserver", description="Serve an environment over OpenEnv HTTP/WS and the envfleet mux.")
-    parser.add_argument("--env", default="openspiel", help="environment name (openspiel, echo, ...)")
+    parser.add_argument("--env", default="openspiel", help="registered name (see --list-envs), package.module:Class, or openenv:package.module:Class")
+    parser.add_argument("--list-envs", action="store_true", help="print the registered environments with their descriptions, then exit")
     parser.add_argument("--game", help="OpenSpiel game to play by default (shorthand for --env-options '{\"game\": ...}')")
     parser.add_argument("--env-options", default="{}", type=json.loads, help="JSON object of environment defaults")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -113,8 +114,21 @@ async def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> 
     await loop.connect_read_pipe(_Watcher, sys.stdin)
 
 
+def list_envs() -> int:
+    """Print every registered environment and its description; one that fails to load says why."""
+    from .envs import describe
+
+    rows = describe()
+    width = max((len(name) for name, _, _ in rows), default=0)
+    for name, text, ok in rows:
+        print(f"{name:<{width}}  {text if ok else '(cannot load: ' + text + ')'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.list_envs:
+        sys.exit(list_envs())
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(args)
     try:
@@ -131,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         from .errors import ServerError
 
         if isinstance(exc, (ServerError, OSError, ValueError)):
-            print(f"envserver: error: {exc}", file=sys.stderr)
+            print(f"envserver: error: {' '.join(str(exc).split())}", file=sys.stderr)
             sys.exit(2)
         raise
 

@@ -28,7 +28,10 @@ class EnvServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.env_class: type[Environment] = envs.load(config.env)  # type: ignore[type-arg]
-        self.env_class(**config.env_options).close()  # fail at start, not at the first session
+        try:
+            self.env_class(**config.env_options).close()  # fail at start, not at the first session
+        except Exception as exc:
+            raise coded(exc, ErrorCode.FACTORY_ERROR, f"cannot create {config.env}") from None
         self.sessions = SessionTable(self._make_env, config.max_sessions, config.idle_ttl)
         self.stats = Stats()
 
@@ -39,7 +42,7 @@ class EnvServer:
         """Open a session of the default environment, or of ``env`` with its own defaults."""
         if env is None or env == self.config.env:
             return self.sessions.open(key, **(options or {}))
-        env_class = envs.load(env)
+        env_class = envs.load(env, allow_paths=False)  # a client never makes the server import a module
         return self.sessions.open(key, env_class, **(options or {}))
 
     async def reset(self, session: Session, seed: int | None, options: dict[str, Any] | None) -> Any:
@@ -55,8 +58,8 @@ class EnvServer:
         return await session.call(session.env.state)
 
 
-def coded(exc: BaseException) -> ServerError:
+def coded(exc: BaseException, code: ErrorCode = ErrorCode.EXECUTION_ERROR, context: str = "") -> ServerError:
     """Any exception raised by an environment, as a coded error for the client."""
     if isinstance(exc, ServerError):
         return exc
-    return ServerError(ErrorCode.EXECUTION_ERROR, f"{type(exc).__name__}: {exc}")
+    return ServerError(code, f"{context + ': ' if context else ''}{type(exc).__name__}: {exc}")

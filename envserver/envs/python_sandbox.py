@@ -30,7 +30,8 @@ import msgspec
 from ..env import Environment
 from ..errors import ServerError
 from ..executor import run_blocking
-from ..protocol import ErrorCode, PythonAction, PythonObservation, PythonState, StepResult
+from ..protocol import ErrorCode, StepResult
+from .python_sandbox_types import PythonAction, PythonObservation, PythonState
 from .sandbox_interpreter import Interpreter, Outcome, SandboxLimits, StartError
 from .sandbox_tasks import TASKS, Task
 

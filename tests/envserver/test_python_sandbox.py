@@ -21,7 +21,8 @@ from envserver.envs.python_sandbox import PythonSandboxEnv
 from envserver.envs.sandbox_tasks import TASKS
 from envserver.envs.sandbox_worker import proc_stat
 from envserver.errors import ServerError
-from envserver.protocol import ErrorCode, PythonAction, PythonObservation
+from envserver.envs.python_sandbox_types import PythonAction, PythonObservation
+from envserver.protocol import ErrorCode
 
 # --------------------------------------------------------------------------- /proc helpers
 
