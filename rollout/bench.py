@@ -47,8 +47,10 @@ def percentile(sorted_values: list[float], q: float) -> float:
     return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
 
 
-def _pick(rng: random.Random) -> Callable[[Any], Any]:
-    """A uniform random legal action (or the echo env's message)."""
+def _pick(rng: random.Random, policy: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
+    """``policy`` if given, else a uniform random legal action (or the echo env's message)."""
+    if policy is not None:
+        return policy
 
     def pick(observation: Any) -> Any:
         legal = getattr(observation, "legal_actions", None)
@@ -79,10 +81,10 @@ class StepCounter(Counts):
         )
 
 
-async def _per_env(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int) -> None:
+async def _per_env(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int, policy: Callable[[Any], Any] | None = None) -> None:
     async def drive(index: int) -> None:
         env = pool.envs[index]
-        pick = _pick(random.Random(seed + index))
+        pick = _pick(random.Random(seed + index), policy)
         latencies = counter.latencies
         clock = time.perf_counter
         result = await env.reset(seed=seed + index)
@@ -98,11 +100,11 @@ async def _per_env(pool: EnvPool, stop_at: float, counter: StepCounter, seed: in
     await asyncio.gather(*(drive(i) for i in range(pool.n)))
 
 
-async def _batched(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int) -> None:
+async def _batched(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int, policy: Callable[[Any], Any] | None = None) -> None:
     """``pool.step`` over batches of envs that each stay on one server, stepped concurrently."""
 
     async def drive(ids: list[int]) -> None:
-        pick = _pick(random.Random(seed + ids[0]))
+        pick = _pick(random.Random(seed + ids[0]), policy)
         clock = time.perf_counter
         results = await pool.reset(seeds=[seed + i for i in ids], env_ids=ids)
         while clock() < stop_at:
@@ -158,20 +160,21 @@ async def _progress(label: str, counter: StepCounter, started: float, seconds: f
 
 
 async def measure(
-    pool: EnvPool, mode: str, seconds: float, *, warmup: float = 1.0, seed: int = 0, progress: Any = None, telemetry: Telemetry | None = None
+    pool: EnvPool, mode: str, seconds: float, *, warmup: float = 1.0, seed: int = 0, progress: Any = None, telemetry: Telemetry | None = None,
+    policy: Callable[[Any], Any] | None = None,
 ) -> BenchResult:
     """Run ``mode`` for ``warmup`` then ``seconds`` seconds and return what was measured."""
     warm = StepCounter()
     if telemetry is not None:
         telemetry.watch(warm, f"{mode} warm-up")
-    await MODES[mode](pool, time.perf_counter() + warmup, warm, seed)
+    await MODES[mode](pool, time.perf_counter() + warmup, warm, seed, policy)
     counter = StepCounter()
     if telemetry is not None:
         telemetry.watch(counter, mode)
     started = time.perf_counter()
     reporter = asyncio.create_task(_progress(mode, counter, started, seconds, progress)) if progress else None
     try:
-        await MODES[mode](pool, started + seconds, counter, seed)
+        await MODES[mode](pool, started + seconds, counter, seed, policy)
     finally:
         if reporter is not None:
             reporter.cancel()
@@ -195,11 +198,12 @@ def table(results: list[BenchResult]) -> str:
 
 
 async def run_bench(
-    pool_kwargs: dict[str, Any], modes: list[str], seconds: float, *, progress: Any = sys.stderr, telemetry: Telemetry | None = None
+    pool_kwargs: dict[str, Any], modes: list[str], seconds: float, *, progress: Any = sys.stderr, telemetry: Telemetry | None = None,
+    policy: Callable[[Any], Any] | None = None,
 ) -> BenchReport:
     async with EnvPool(**pool_kwargs) as pool:
         if telemetry is not None:
             telemetry.attach(pool)
-        results = [await measure(pool, mode, seconds, progress=progress, telemetry=telemetry) for mode in modes]
+        results = [await measure(pool, mode, seconds, progress=progress, telemetry=telemetry, policy=policy) for mode in modes]
         fleet = pool.fleet_config
         return BenchReport(env=fleet.env, options=dict(fleet.env_options), backend=fleet.backend, results=results)

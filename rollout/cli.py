@@ -19,7 +19,7 @@ DASHBOARD_PORT = 8765
 
 
 def _fleet_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", default="openspiel", help="environment name (default: openspiel)")
+    parser.add_argument("--env", default="openspiel", help="registered name, package.module:Class or openenv:package.module:Class (default: openspiel)")
     parser.add_argument("--game", default="catch", help="OpenSpiel game (default: catch)")
     parser.add_argument("--options", type=json.loads, default={}, help="JSON object of environment options")
     parser.add_argument("--n", type=int, default=256, help="concurrent env sessions (default: 256)")
@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per mode (default: 10)")
     bench.add_argument("--mode", choices=["per-env", "batched", "both"], default="both")
     bench.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write results as JSON to PATH (or stdout)")
+    bench.add_argument("--policy", help="module:function choosing each action (default: a random legal action)")
     bench.set_defaults(handler=_bench)
 
     ev = commands.add_parser("eval", help="play a policy for many episodes into a resumable JSONL file")
@@ -188,14 +189,19 @@ def _emit_summary(summary: Any, json_path: str | None) -> None:
     print(format_summary(summary))
 
 
-async def _eval(args: argparse.Namespace) -> int:
+def _allow_local_modules() -> None:
+    """Let --policy name a module in the current directory."""
     import os
 
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+async def _eval(args: argparse.Namespace) -> int:
     from .dashboard import maybe_dashboard
     from .eval import evaluate
 
-    if os.getcwd() not in sys.path:  # let --policy name a module in the current directory
-        sys.path.insert(0, os.getcwd())
+    _allow_local_modules()
     async with maybe_dashboard(args.dashboard, "eval") as telemetry:
         summary = await evaluate(
             args.policy, args.episodes, out=args.out, seed=args.seed, progress=sys.stderr,
@@ -224,8 +230,14 @@ async def _bench(args: argparse.Namespace) -> int:
     from .dashboard import maybe_dashboard
 
     modes = ["per-env", "batched"] if args.mode == "both" else [args.mode]
+    policy = None
+    if args.policy:
+        from .eval import load_policy
+
+        _allow_local_modules()
+        policy = load_policy(args.policy)[1](0)
     async with maybe_dashboard(args.dashboard, "bench") as telemetry:
-        report = await run_bench(_pool_kwargs(args), modes, args.seconds, telemetry=telemetry)
+        report = await run_bench(_pool_kwargs(args), modes, args.seconds, telemetry=telemetry, policy=policy)
     if args.json:
         payload = msgspec.json.format(msgspec.json.encode(report), indent=2).decode()
         if args.json == "-":
