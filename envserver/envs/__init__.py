@@ -116,12 +116,15 @@ def _import(path: str, what: str) -> Any:
 
 
 def _adapt_openenv(path: str) -> Any:
+    adapter_name = __name__ + ".openenv_adapter"
     try:
-        from . import openenv_adapter  # type: ignore[attr-defined,unused-ignore]
+        openenv_adapter = importlib.import_module(adapter_name)
     except ModuleNotFoundError as exc:
-        if exc.name != __name__ + ".openenv_adapter":
+        if exc.name != adapter_name:
             raise ServerError(ErrorCode.FACTORY_ERROR, f"the OpenEnv adapter cannot be imported: {_one_line(exc)}") from None
-        raise ServerError(ErrorCode.NOT_FOUND, "serving OpenEnv environments needs envserver.envs.openenv_adapter, which is not installed") from None
+        raise ServerError(ErrorCode.NOT_FOUND, f"serving OpenEnv environments needs {adapter_name}, which is not installed") from None
+    except Exception as exc:
+        raise ServerError(ErrorCode.FACTORY_ERROR, f"the OpenEnv adapter cannot be imported: {_one_line(exc)}") from None
     try:
         return openenv_adapter.adapt(path)
     except ServerError:
