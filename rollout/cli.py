@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     _fleet_parser(commands)
 
+    env = commands.add_parser("env", help="write environment packages")
+    env_sub = env.add_subparsers(dest="env_command", required=True)
+    new = env_sub.add_parser("new", help="write an installable environment package that passes its own tests")
+    new.add_argument("name", help="environment name: lowercase letters, digits, '-' or '_'")
+    new.add_argument("--dir", help="where to write it (default: ./NAME; must not exist or be empty)")
+    new.set_defaults(handler=_env_new)
+
     image = commands.add_parser("image", help="build the envserver container image (offline: never pulls)")
     image_sub = image.add_subparsers(dest="image_command", required=True)
     build = image_sub.add_parser("build", help="build the base image if missing, the wheelhouse, then the image")
@@ -149,6 +156,14 @@ async def _fleet_reap(args: argparse.Namespace) -> int:
         print(f"removed {len(services)} swarm service(s): {', '.join(services)}")
     removed = await reap(expired_only=not args.all)
     print(f"removed {len(removed)} container(s){': ' + ', '.join(removed) if removed else ''}")
+    return EXIT_OK
+
+
+async def _env_new(args: argparse.Namespace) -> int:
+    from .scaffold import new_environment
+
+    for path in new_environment(args.name, args.dir):
+        print(f"rollout: wrote {path}", file=sys.stderr)
     return EXIT_OK
 
 
