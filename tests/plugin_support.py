@@ -113,3 +113,20 @@ def pythonpath_with(root: Path) -> dict[str, str]:
     """Environment variables that put ``root`` first on a subprocess's ``sys.path``."""
     current = os.environ.get("PYTHONPATH")
     return {"PYTHONPATH": f"{root}{os.pathsep}{current}" if current else str(root)}
+
+
+def install_to(package: Path, site: Path) -> Path:
+    """Build and install ``package`` (not its dependencies) into ``site``, a directory to put on PYTHONPATH.
+
+    A real pip install, but into a directory of its own: the project's virtualenv stays untouched.
+    """
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(site), str(package)],
+        capture_output=True, text=True, timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"pip install {package} failed:\n{done.stderr[-3000:]}")
+    return site
