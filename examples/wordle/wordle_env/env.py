@@ -28,6 +28,7 @@ WORD_LENGTH = 5
 GREEN_CREDIT = 0.02
 Mark = Literal["green", "yellow", "gray"]
 _SYMBOLS = {"green": "G", "yellow": "Y", "gray": "."}
+_BLANK_ROW = " ".join("_" * WORD_LENGTH)
 
 
 @cache
@@ -107,6 +108,7 @@ class WordleEnv(Environment[WordleAction, WordleObservation, WordleState]):
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad wordle options: {exc}") from None
         self._answer = ""
         self._rows: list[GuessRow] = []
+        self._lines: list[str] = []  # the board's rows as text, each rendered once
         self._tried: set[str] = set()
         self._greens: set[int] = set()
         self._steps = 0
@@ -119,7 +121,7 @@ class WordleEnv(Environment[WordleAction, WordleObservation, WordleState]):
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"wordle takes no reset options, got {sorted(options)}")
         rng = random.Random(seed if seed is not None else int.from_bytes(os.urandom(8), "little"))
         self._answer = rng.choice(words())
-        self._rows, self._tried, self._greens = [], set(), set()
+        self._rows, self._lines, self._tried, self._greens = [], [], set(), set()
         self._steps, self._seed, self._over = 0, seed, False
         self._episode_id = str(uuid.uuid4())
         return StepResult(self._observe(None, True, f"Guess the {WORD_LENGTH}-letter word."))
@@ -141,6 +143,7 @@ class WordleEnv(Environment[WordleAction, WordleObservation, WordleState]):
             self._tried.add(guess)
             marks = score(guess, self._answer)
             self._rows.append(GuessRow(guess, marks))
+            self._lines.append(f"{' '.join(guess.upper())}   {' '.join(_SYMBOLS[m] for m in marks)}")
             new_greens = {i for i, mark in enumerate(marks) if mark == "green"} - self._greens
             self._greens |= new_greens
             solved = guess == self._answer
@@ -159,9 +162,8 @@ class WordleEnv(Environment[WordleAction, WordleObservation, WordleState]):
 
     def _observe(self, guess: str | None, valid: bool, message: str) -> WordleObservation:
         left = self.config.max_guesses - self._steps
-        lines = [f"{' '.join(row.guess.upper())}   {' '.join(_SYMBOLS[m] for m in row.marks)}" for row in self._rows]
-        lines += ["_ " * (WORD_LENGTH - 1) + "_"] * max(0, left) if not self._over else []
-        board = "\n".join([*lines, f"({left} guesses left; G = right place, Y = wrong place, . = not in the word)", message])
+        blanks = [_BLANK_ROW] * max(0, left) if not self._over else []
+        board = "\n".join([*self._lines, *blanks, f"({left} guesses left; G = right place, Y = wrong place, . = not in the word)", message])
         return WordleObservation(board, list(self._rows), guess, valid, message, left)
 
 
