@@ -7,7 +7,10 @@ to replace with your own), a README, and a test that runs ``envserver.testing.ch
 
 from __future__ import annotations
 
+import importlib.util
+import keyword
 import re
+import sys
 from pathlib import Path
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*(?:[-_][a-z0-9]+)*$")
@@ -22,6 +25,8 @@ def new_environment(name: str, directory: str | Path | None = None) -> list[Path
     if not _NAME.match(name) or len(name) > 64:
         raise ScaffoldError(f"bad environment name {name!r}: use lowercase letters, digits, '-' or '_', starting with a letter")
     module = name.replace("-", "_")
+    if keyword.iskeyword(module) or module in sys.stdlib_module_names or importlib.util.find_spec(module) is not None:
+        raise ScaffoldError(f"bad environment name {name!r}: a module named {module!r} already exists; pick another name")
     target = Path(directory if directory is not None else name)
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ScaffoldError(f"{target} already exists and is not an empty directory")
