@@ -13,6 +13,7 @@ arriving as a ``Tensor``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import importlib.metadata
 import logging
@@ -59,12 +60,16 @@ def wire_types(metadata: Metadata, schema: Any, spec: str) -> WireTypes:
 
 def trusted_packages(spec: str) -> set[str]:
     """Top-level packages whose modules the client may import to find wire types."""
-    packages = {"envserver"}
-    for point in importlib.metadata.entry_points(group="envfleet.envs"):
-        packages.add(point.value.split(":", 1)[0].split(".", 1)[0])
+    packages = {"envserver", *_registered_packages()}
     if ":" in spec:
         packages.add(spec.removeprefix("openenv:").split(":", 1)[0].split(".", 1)[0])
     return packages
+
+
+@functools.cache
+def _registered_packages() -> frozenset[str]:
+    """Top-level packages of the environments installed here (read once: a scan costs ~30 ms)."""
+    return frozenset(point.value.split(":", 1)[0].split(".", 1)[0] for point in importlib.metadata.entry_points(group="envfleet.envs"))
 
 
 def _import_type(path: str | None, spec: str) -> type | None:

@@ -14,6 +14,7 @@ Spellings of a spec:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 from typing import Any
@@ -43,12 +44,18 @@ def unregister(name: str) -> None:
     _registered.pop(name, None)
 
 
-def _entry_points() -> dict[str, str | type]:
-    """What every registered name points at; the first distribution to claim a name keeps it."""
-    found: dict[str, str | type] = {}
+@functools.cache
+def _installed() -> dict[str, str]:
+    """``package.module:Class`` of every installed entry point, read once (a scan costs ~30 ms)."""
+    found: dict[str, str] = {}
     for point in importlib.metadata.entry_points(group=GROUP):
-        found.setdefault(point.name, point.value)
-    return {**found, **_registered}
+        found.setdefault(point.name, point.value)  # the first distribution to claim a name keeps it
+    return found
+
+
+def _entry_points() -> dict[str, str | type]:
+    """What every registered name points at: installed entry points, then ``register``'s names."""
+    return {**_installed(), **_registered}
 
 
 def names() -> list[str]:
