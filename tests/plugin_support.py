@@ -78,6 +78,11 @@ class CountEnv(Environment[CountAction, CountObservation, CountState]):
 
     def state(self) -> CountState:
         return CountState(self.total, self.steps)
+
+
+def add_one(observation: Any) -> dict[str, int]:
+    """A policy: add one (observations may be CountObservation or plain dicts)."""
+    return {"add": 1}
 '''
 
 FILES = {

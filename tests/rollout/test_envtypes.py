@@ -125,3 +125,20 @@ def test_a_recursive_schema_stays_generic() -> None:
     node = Node(Tensor((1,), bytes(4)), [Node(Tensor((1,), bytes(4)))])
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(node), type=kind)
     assert isinstance(decoded["t"], Tensor) and isinstance(decoded["children"], list)
+
+
+@pytest.mark.parametrize("spec", ["tinyplug.env:CountEnv", "count"])
+def test_rollout_eval_takes_a_module_path_or_a_registered_name(spec: str, plugins: Path, tmp_path: Path) -> None:
+    import json
+    import os
+
+    done = subprocess.run(
+        [
+            Path(sys.executable).parent / "rollout", "eval", "--env", spec, "--options", '{"limit": 4}', "--policy", "tinyplug.env:add_one",
+            "--episodes", "10", "--n", "2", "--servers", "1", "--out", tmp_path / "runs.jsonl", "--summary-json", "-",
+        ],
+        capture_output=True, text=True, timeout=120, env={**os.environ, **pythonpath_with(plugins)},
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
+    assert summary["episodes"] == 10 and summary["mean_return"] == 4.0 and summary["env"] == spec
