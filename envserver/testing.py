@@ -169,20 +169,25 @@ class _Checker:
         if reset_status != 200:
             self.fail(f"POST /reset failed over HTTP: status {reset_status}: {reset[:300]!r}")
             return
-        self.check_schema_validates(expected["observation"], msgspec.json.decode(reset).get("observation"))
+        self.check_schemas_validate(expected, msgspec.json.decode(reset).get("observation"))
 
-    def check_schema_validates(self, schema: dict[str, Any], observation: Any) -> None:
+    def check_schemas_validate(self, schemas: dict[str, Any], observation: Any) -> None:
+        """Every schema is a valid JSON Schema, and the observation ``/reset`` sent matches its own."""
         try:
             import jsonschema
         except ImportError:
-            self.skipped.append("observation against its JSON Schema: jsonschema is not installed")
+            self.skipped.append("the JSON Schemas themselves: jsonschema is not installed")
             return
+        for kind, schema in schemas.items():
+            try:
+                jsonschema.validators.validator_for(schema).check_schema(schema)
+            except jsonschema.SchemaError as exc:
+                self.fail(f"the {kind} JSON Schema is invalid: {exc.message}")
+                return
         try:
-            jsonschema.validate(observation, schema)
+            jsonschema.validate(observation, schemas["observation"])
         except jsonschema.ValidationError as exc:
             self.fail(f"the observation /reset sends does not match its own JSON Schema: {exc.message}")
-        except jsonschema.SchemaError as exc:
-            self.fail(f"the Observation's JSON Schema is invalid: {exc.message}")
 
     def trajectory(self, probe: bool) -> tuple[list[bytes], bool] | None:
         """Play one seeded episode; with ``probe``, also send refused actions and step after the end."""

@@ -154,3 +154,18 @@ async def test_every_registered_env_over_the_mux(catch_server, mux_connect) -> N
             state = await mux.one("state", sid)
             assert state.get("step_count", 1) == 1
         await mux.one("close", sid)
+
+
+class SchemaLiarEnv(envs.load("echo")):  # type: ignore[misc]
+    """An echo whose OpenEnv JSON observation is not what its schema says."""
+
+    name = "schema_liar"
+
+    def openenv_observation(self, observation: Any) -> Any:
+        return {"echoed_message": 42}
+
+
+def test_an_observation_that_breaks_its_own_schema_is_reported() -> None:
+    with pytest.raises(ConformanceError) as info:
+        check_environment(SchemaLiarEnv, **CHECKS["echo"])
+    assert [f for f in info.value.failures if "does not match its own JSON Schema" in f], info.value.failures
