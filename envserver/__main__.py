@@ -21,6 +21,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="envserver", description="Serve an environment over OpenEnv HTTP/WS and the envfleet mux.")
     parser.add_argument("--env", default="openspiel", help="registered name (see --list-envs), package.module:Class, or openenv:package.module:Class")
     parser.add_argument("--list-envs", action="store_true", help="print the registered environments with their descriptions, then exit")
+    parser.add_argument("--json", action="store_true", help="with --list-envs: print JSON")
     parser.add_argument("--game", help="OpenSpiel game to play by default (shorthand for --env-options '{\"game\": ...}')")
     parser.add_argument("--env-options", default="{}", type=json.loads, help="JSON object of environment defaults")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -114,21 +115,26 @@ async def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> 
     await loop.connect_read_pipe(_Watcher, sys.stdin)
 
 
-def list_envs() -> int:
+def list_envs(as_json: bool = False) -> int:
     """Print every registered environment and its description; one that fails to load says why."""
+    import msgspec
+
     from .envs import describe
 
     rows = describe()
-    width = max((len(name) for name, _, _ in rows), default=0)
-    for name, text, ok in rows:
-        print(f"{name:<{width}}  {text if ok else '(cannot load: ' + text + ')'}")
+    if as_json:
+        print(msgspec.json.encode(rows).decode())
+        return 0
+    width = max((len(row.name) for row in rows), default=0)
+    for row in rows:
+        print(f"{row.name:<{width}}  {row.description if row.error is None else '(cannot load: ' + row.error + ')'}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.list_envs:
-        sys.exit(list_envs())
+        sys.exit(list_envs(args.json))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = build_config(args)
     try:

@@ -19,6 +19,8 @@ import importlib
 import importlib.metadata
 from typing import Any
 
+import msgspec
+
 from ..env import Environment
 from ..errors import ServerError
 from ..protocol import ErrorCode
@@ -83,16 +85,26 @@ def load(spec: str, *, allow_paths: bool = True) -> EnvClass:
     return _checked(_import(spec, spec), spec)
 
 
-def describe() -> list[tuple[str, str, bool]]:
-    """Every registered name with its description, or with why it failed to load: ``(name, text, ok)``."""
+class Listing(msgspec.Struct, omit_defaults=True):
+    """One registered environment: its description, or why it cannot be loaded."""
+
+    name: str
+    description: str = ""
+    error: str | None = None
+    target: str = ""  # package.module:Class
+
+
+def describe() -> list[Listing]:
+    """Every registered name with its description, or with why it failed to load; one broken plugin hides no other."""
     rows = []
-    for name in names():
+    for name, target in sorted(_entry_points().items()):
+        where = target if isinstance(target, str) else class_path(target)
         try:
             env_class = load(name)
         except ServerError as exc:
-            rows.append((name, exc.message, False))
+            rows.append(Listing(name, error=exc.message, target=where))
         else:
-            rows.append((name, " ".join(str(getattr(env_class, "description", "")).split()), True))
+            rows.append(Listing(name, " ".join(str(getattr(env_class, "description", "")).split()), target=where))
     return rows
 
 

@@ -26,7 +26,7 @@ CHECKS: dict[str, dict[str, Any]] = {
 
 
 def loadable() -> list[str]:
-    return [name for name, _, ok in envs.describe() if ok]
+    return [row.name for row in envs.describe() if row.error is None]
 
 
 @pytest.mark.parametrize("name", loadable())

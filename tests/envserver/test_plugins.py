@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +48,10 @@ def test_list_envs_names_the_broken_plugins_and_hides_none(plugins: Path) -> Non
     assert "cannot load" in lines["broken_plugin"] and "this plugin is broken at import" in lines["broken_plugin"]
     assert "cannot load" in lines["missing_plugin"] and "no_such_module_xyz" in lines["missing_plugin"]
     assert "Traceback" not in done.stdout + done.stderr
+    as_json = json.loads(envserver(plugins, "--list-envs", "--json").stdout)
+    rows = {row["name"]: row for row in as_json}
+    assert rows["count"] == {"name": "count", "description": "Adds numbers; observations carry tensors.", "target": "tinyplug.env:CountEnv"}
+    assert "this plugin is broken at import" in rows["broken_plugin"]["error"] and "description" not in rows["broken_plugin"]
 
 
 @pytest.mark.parametrize(
