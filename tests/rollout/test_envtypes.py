@@ -142,3 +142,12 @@ def test_rollout_eval_takes_a_module_path_or_a_registered_name(spec: str, plugin
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout[: done.stdout.rindex("}") + 1])
     assert summary["episodes"] == 10 and summary["mean_return"] == 4.0 and summary["env"] == spec
+
+
+async def test_a_pool_of_a_missing_module_fails_at_start_with_the_servers_reason() -> None:
+    from rollout import FleetError
+
+    with pytest.raises(FleetError) as info:
+        async with EnvPool(n=2, env="no_such_module_xyz:Env", backend="local", servers=1):
+            pass
+    assert "no module named 'no_such_module_xyz'" in str(info.value)
