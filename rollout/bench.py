@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .envtypes import field
 from .pool import EnvPool
 from .telemetry import Counts
 
@@ -54,7 +53,7 @@ def _pick(rng: random.Random, policy: Callable[[Any], Any] | None = None) -> Cal
         return policy
 
     def pick(observation: Any) -> Any:
-        legal = field(observation, "legal_actions")
+        legal = getattr(observation, "legal_actions", None)
         if legal is None:
             return {"message": "ping"}
         return legal[int(rng.random() * len(legal))]

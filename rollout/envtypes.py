@@ -58,13 +58,6 @@ def wire_types(metadata: Metadata, schema: Any, spec: str) -> WireTypes:
     return WireTypes(generic_type(schema.get("observation")), generic_type(schema.get("state")), "schema")
 
 
-def field(observation: Any, name: str, default: Any = None) -> Any:
-    """Field ``name`` of an observation, whether it arrived as the env's Struct or as generic data."""
-    if isinstance(observation, dict):
-        return observation.get(name, default)
-    return getattr(observation, name, default)
-
-
 def trusted_packages(spec: str) -> set[str]:
     """Top-level packages whose modules the client may import to find wire types."""
     packages = {"envserver", *_registered_packages()}

@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from .envtypes import field
 from .errors import EnvError, EvalError, InvalidAction, PolicyFailed
 from .pool import EnvPool, EpisodeRecord
 from .results import EpisodeLine, Header, Outcome, ResultsFile
@@ -35,14 +34,14 @@ def _random(seed: int) -> Callable[[Any], Any]:
     draw = random.Random(seed).random
 
     def pick(observation: Any) -> Any:
-        legal = field(observation, "legal_actions")
+        legal = observation.legal_actions
         return legal[int(draw() * len(legal))]
 
     return pick
 
 
 def _first_legal(observation: Any) -> Any:
-    return field(observation, "legal_actions")[0]
+    return observation.legal_actions[0]
 
 
 BUILTIN_POLICIES: dict[str, PolicyFactory] = {

@@ -152,16 +152,3 @@ async def test_a_pool_of_a_missing_module_fails_at_start_with_the_servers_reason
             pass
     assert "no module named 'no_such_module_xyz'" in str(info.value)
 
-
-def test_builtin_policies_read_typed_and_generic_observations_alike() -> None:
-    from envserver.envs.openspiel_types import OpenSpielObservation
-    from rollout.envtypes import field
-    from rollout.eval import load_policy
-
-    typed = OpenSpielObservation([4, 7], 0, "playing", None, None, [0.0], [0.0])
-    generic = msgspec.to_builtins(typed)
-    for name in ("random", "first-legal"):
-        policy = load_policy(name)[1](5)
-        assert policy(typed) in (4, 7) and policy(generic) == load_policy(name)[1](5)(typed)
-    assert field(typed, "current_player_id") == field(generic, "current_player_id") == 0
-    assert field(generic, "missing", "default") == "default"
