@@ -151,4 +151,3 @@ async def test_a_pool_of_a_missing_module_fails_at_start_with_the_servers_reason
         async with EnvPool(n=2, env="no_such_module_xyz:Env", backend="local", servers=1):
             pass
     assert "no module named 'no_such_module_xyz'" in str(info.value)
-
