@@ -135,3 +135,19 @@ def install_to(package: Path, site: Path) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"pip install {package} failed:\n{done.stderr[-3000:]}")
     return site
+
+
+def image_build_takes_packages() -> bool:
+    """Whether ``rollout image build`` has ``--with`` (built on the openenv branch)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "rollout.cli", "image", "build", "--help"], capture_output=True, text=True, timeout=60)
+    return "--with" in done.stdout
+
+
+def remove_image(tag: str) -> None:
+    """Remove an image this test built (never one it did not)."""
+    import subprocess
+
+    subprocess.run(["docker", "image", "rm", "--force", tag], capture_output=True, timeout=120)

@@ -3,7 +3,8 @@
 The project's virtualenv is never changed: ``pip install -e .`` is run as a real install of the
 same directory into a temporary ``--target`` directory that every later command gets on
 ``PYTHONPATH`` (entry points are found there exactly as in site-packages). The image commands
-are run by the image build tests (``rollout image build --with``).
+need Docker and run in a test of their own, with a unique tag instead of ``my-env:latest``
+(the daemon is shared), and the image is removed afterwards.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ import pytest
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "authoring.md"
 BIN = Path(sys.executable).parent
-IMAGE_COMMANDS = {  # run by the tests of `rollout image build --with`, which needs Docker
-    "rollout image build --with . --tag my-env:latest",
-    "rollout eval --env my_env --backend docker --image my-env:latest --policy my_env.env:bisect --episodes 100 --out docker-runs.jsonl",
-}
+IMAGE_BUILD = "rollout image build --with . --tag my-env:latest"
+DOCKER_EVAL = "rollout eval --env my_env --backend docker --image my-env:latest --policy my_env.env:bisect --episodes 100 --out docker-runs.jsonl"
+IMAGE_COMMANDS = {IMAGE_BUILD, DOCKER_EVAL}  # need Docker and `rollout image build --with`: the docker test below
 
 
 def doc_commands() -> list[str]:
@@ -40,6 +40,7 @@ class Walkthrough:
         self.cwd = root
         self.site = root / "site"
         self.env = {**os.environ, "PYTHONPATH": str(self.site)}
+        self.image = f"envfleet-test-authoring:{os.getpid()}"
 
     def run(self, *argv: str | Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
         done = subprocess.run([str(a) for a in argv], cwd=self.cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
@@ -106,6 +107,20 @@ def bench(w: Walkthrough) -> None:
     assert "| per-env | 64 |" in done.stdout and "| batched | 64 |" in done.stdout
 
 
+def image_build(w: Walkthrough) -> None:
+    """Tagged uniquely instead of my-env:latest: the Docker daemon is shared."""
+    w.run(BIN / "rollout", "image", "build", "--with", ".", "--tag", w.image, timeout=900)
+
+
+def docker_eval(w: Walkthrough) -> None:
+    done = w.run(
+        BIN / "rollout", "eval", "--env", "my_env", "--backend", "docker", "--image", w.image, "--policy", "my_env.env:bisect",
+        "--episodes", "100", "--out", "docker-runs.jsonl",
+    )
+    assert len((w.cwd / "docker-runs.jsonl").read_text().splitlines()) == 101
+    assert "return: mean 1.0000 ± 0.0000" in done.stdout
+
+
 STEPS: dict[str, Callable[[Walkthrough], None]] = {
     "rollout env new my-env": scaffold,
     "cd my-env": cd,
@@ -115,13 +130,15 @@ STEPS: dict[str, Callable[[Walkthrough], None]] = {
     "envserver --env my_env --port 8000": serve,
     "rollout eval --env my_env --policy my_env.env:bisect --episodes 100 --out runs.jsonl": evaluate,
     "rollout bench --env my_env --policy my_env.env:bisect --n 64 --seconds 2": bench,
+    IMAGE_BUILD: image_build,
+    DOCKER_EVAL: docker_eval,
 }
 
 
 def test_every_command_of_the_walkthrough_is_run_here_or_by_the_image_tests() -> None:
     commands = doc_commands()
     assert len(commands) == len(set(commands))
-    assert set(commands) == set(STEPS) | IMAGE_COMMANDS
+    assert set(commands) == set(STEPS) and IMAGE_COMMANDS <= set(commands)
 
 
 @pytest.mark.slow
@@ -130,3 +147,27 @@ def test_the_walkthrough_from_scaffold_to_eval(tmp_path: Path) -> None:
     for command in doc_commands():
         if command not in IMAGE_COMMANDS:
             STEPS[command](w)
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_the_walkthrough_in_containers(tmp_path: Path) -> None:
+    """Scaffold and install (the policy runs in the client), then the image commands."""
+    import asyncio
+
+    from tests.conftest import skip_or_fail
+
+    from .plugin_support import image_build_takes_packages, remove_image
+    from .rollout.docker_support import docker_unavailable
+
+    reason = asyncio.run(docker_unavailable())
+    if reason:
+        skip_or_fail(reason)
+    if not image_build_takes_packages():
+        skip_or_fail("rollout image build has no --with here (it comes with the openenv branch)")
+    w = Walkthrough(tmp_path)
+    try:
+        for command in ("rollout env new my-env", "cd my-env", "pip install -e .", IMAGE_BUILD, DOCKER_EVAL):
+            STEPS[command](w)
+    finally:
+        remove_image(w.image)

@@ -74,3 +74,34 @@ def test_rollout_eval_with_a_module_function_policy_on_the_local_backend(site: P
     assert len(episodes) == 20
     for episode in episodes:  # only the first 'crane' can earn anything: 0.02 per green, 1.0 if it is the word
         assert episode["return"] == 1.0 or (episode["return"] <= 0.1 + 1e-9 and episode["length"] == 6), episode
+
+
+@pytest.mark.docker
+def test_rollout_eval_on_the_docker_backend_with_an_image_built_with_it(site: Path, tmp_path: Path) -> None:
+    """`rollout image build --with examples/wordle`, then the same eval in hardened containers of that image."""
+    import asyncio
+    import json
+
+    from tests.conftest import skip_or_fail
+
+    from ..plugin_support import image_build_takes_packages, remove_image
+    from ..rollout.docker_support import docker_unavailable
+
+    reason = asyncio.run(docker_unavailable())
+    if reason:
+        skip_or_fail(reason)
+    if not image_build_takes_packages():
+        skip_or_fail("rollout image build has no --with here (it comes with the openenv branch)")
+    tag = f"envfleet-test-wordle:{os.getpid()}"
+    try:
+        run(site, BIN / "rollout", "image", "build", "--with", EXAMPLE, "--tag", tag, cwd=tmp_path)
+        summary_path = tmp_path / "summary.json"
+        run(
+            site, BIN / "rollout", "eval", "--env", "wordle", "--backend", "docker", "--image", tag, "--servers", "1", "--n", "8",
+            "--policy", "wordle_env.policies:first_consistent", "--episodes", "30", "--out", tmp_path / "docker.jsonl",
+            "--summary-json", summary_path, cwd=tmp_path,
+        )
+        summary = json.loads(summary_path.read_text())
+        assert summary["episodes"] == 30 and 0.8 < summary["mean_return"] <= 1.1, summary
+    finally:
+        remove_image(tag)
