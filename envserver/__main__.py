@@ -27,10 +27,13 @@ TOKEN_WAIT = 60.0  # seconds --token-file - waits for its line
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="envserver", description="Serve environments over OpenEnv HTTP/WS and the envfleet mux.")
     parser.add_argument(
-        "--env", action="append", metavar="NAME",
-        help="an environment to serve (openspiel, echo, python_sandbox, ...); repeat to serve several, the first is the default "
-        "(default: openspiel). Sessions of any other are refused.",
+        "--env", action="append", metavar="SPEC",
+        help="an environment to serve: a registered name (see --list-envs), package.module:Class, or "
+        "openenv:package.module:Class; repeat to serve several, the first is the default (default: openspiel). "
+        "Sessions of any other are refused.",
     )
+    parser.add_argument("--list-envs", action="store_true", help="print the registered environments with their descriptions, then exit")
+    parser.add_argument("--json", action="store_true", help="with --list-envs: print JSON")
     parser.add_argument("--game", help="OpenSpiel game to play by default (shorthand for --env-options '{\"game\": ...}')")
     parser.add_argument(
         "--env-options", action="append", type=json.loads, metavar="JSON",
@@ -199,8 +202,26 @@ async def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> 
     await loop.connect_read_pipe(_Watcher, sys.stdin)
 
 
+def list_envs(as_json: bool = False) -> int:
+    """Print every registered environment and its description; one that fails to load says why."""
+    import msgspec
+
+    from .envs import describe
+
+    rows = describe()
+    if as_json:
+        print(msgspec.json.encode(rows).decode())
+        return 0
+    width = max((len(row.name) for row in rows), default=0)
+    for row in rows:
+        print(f"{row.name:<{width}}  {row.description if row.error is None else '(cannot load: ' + row.error + ')'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.list_envs:
+        sys.exit(list_envs(args.json))
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         make_undumpable()  # before the token is read: from here on no same-uid process reads our memory
@@ -222,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
         from .errors import ServerError
 
         if isinstance(exc, (ServerError, OSError, ValueError)):
-            print(f"envserver: error: {exc}", file=sys.stderr)
+            print(f"envserver: error: {' '.join(str(exc).split())}", file=sys.stderr)
             sys.exit(2)
         raise
 

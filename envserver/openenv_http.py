@@ -16,7 +16,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import __version__
+from . import __version__, envs
 from .errors import ServerError
 from .mcp import handle_jsonrpc
 from .openenv_ws import openenv_result
@@ -72,8 +72,20 @@ async def health(request: Request) -> Response:
     return json_response(HealthStatus())
 
 
+def _env_class(request: Request) -> Any:
+    """The default environment's class, or that of the registered one named by ``?env=``."""
+    server = _server(request)
+    name = request.query_params.get("env")
+    if name is None or name == server.config.env:
+        return server.env_class
+    return envs.load(name, allow_paths=False)
+
+
 async def metadata(request: Request) -> Response:
-    env_class = _server(request).env_class
+    try:
+        env_class = _env_class(request)
+    except ServerError as exc:
+        return error_response(exc)
     return json_response(
         Metadata(
             name=env_class.name,
@@ -81,12 +93,18 @@ async def metadata(request: Request) -> Response:
             version=__version__,
             env=env_class.name,
             surfaces=["openenv-http", "openenv-ws:/ws", "mux:/v1/mux"],
+            env_class=envs.class_path(env_class),
+            observation_type=envs.class_path(env_class.Observation),
+            state_type=envs.class_path(env_class.State),
         )
     )
 
 
 async def schema(request: Request) -> Response:
-    env_class = _server(request).env_class
+    try:
+        env_class = _env_class(request)
+    except ServerError as exc:
+        return error_response(exc)
     return json_response(
         {
             "action": json_schema(env_class.Action),

@@ -139,102 +139,6 @@ class StepResult(msgspec.Struct, Generic[Obs], gc=False):
         return self.terminated or self.truncated
 
 
-class OpenSpielAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """Play ``action_id``; ``game_name``/``game_params`` are OpenEnv's fields, accepted and ignored."""
-
-    action_id: int
-    game_name: str | None = None
-    game_params: dict[str, Any] | None = None
-
-
-class OpenSpielObservation(msgspec.Struct, gc=False):
-    """One OpenSpiel observation from the agent's seat (OpenEnv's field names plus envfleet's)."""
-
-    legal_actions: list[int]
-    current_player_id: int
-    game_phase: Literal["initial", "playing", "terminal"]
-    info_state: Tensor | None  # information-state tensor, or observation tensor where that is all; None if not asked for
-    text: str | None  # the game's observation string (or state string) for the agent; None if not asked for
-    rewards: list[float]  # every player's reward of the last transition
-    returns: list[float]  # every player's return so far
-    opponent_last_action: int | None = None
-    legal_action_names: list[str] | None = None  # sent when the reset asked for names
-
-
-class OpenSpielState(msgspec.Struct, gc=False):
-    episode_id: str | None
-    step_count: int
-    game_name: str
-    game_params: dict[str, Any]
-    agent_player: int
-    opponent_policy: str
-    num_players: int
-    seed: int | None = None
-    history: list[int] = []
-
-
-class EchoAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    message: str = ""
-
-
-class EchoObservation(msgspec.Struct, gc=False):
-    echoed_message: str
-    message_length: int
-
-
-class EchoState(msgspec.Struct, gc=False):
-    episode_id: str | None
-    step_count: int
-
-
-# ---- python sandbox (envserver/envs/python_sandbox.py)
-
-
-class PythonAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """Python source to run in the session's interpreter, like one notebook cell."""
-
-    code: str = ""
-
-
-class PythonObservation(msgspec.Struct, gc=False):
-    """What running one cell did; ``notice`` says in words which limit was hit and what it cost."""
-
-    stdout: str = ""
-    stderr: str = ""  # includes the traceback when the code raised
-    exception_type: str | None = None
-    exception_message: str | None = None
-    exit_code: int | None = None  # the interpreter's exit status if it ended during the step (-N: signal N)
-    wall_time: float = 0.0  # seconds
-    timed_out: bool = False
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    state_lost: bool = False  # the interpreter was replaced: earlier variables are gone
-    execution_count: int = 0
-    notice: str = ""
-    prompt: str | None = None  # the task, on reset in task mode
-    tests_passed: int | None = None  # task mode: hidden tests passing after this step
-    tests_total: int | None = None
-
-
-class PythonState(msgspec.Struct, gc=False):
-    episode_id: str | None
-    execution_count: int
-    task: str | None = None
-    max_steps: int | None = None
-    restarts: int = 0  # interpreters replaced after a timeout, crash or limit in this episode
-    seed: int | None = None
-
-
-# ---- end python sandbox
-
-# Observation and state types of the built-in environments, by env name (for typed clients).
-OBSERVATION_TYPES: dict[str, type] = {
-    "openspiel": OpenSpielObservation,
-    "echo": EchoObservation,
-    "python_sandbox": PythonObservation,
-}
-STATE_TYPES: dict[str, type] = {"openspiel": OpenSpielState, "echo": EchoState, "python_sandbox": PythonState}
-
 
 # --------------------------------------------------------------------------- mux: WS /v1/mux
 
@@ -426,6 +330,11 @@ class Metadata(msgspec.Struct):
     version: str
     env: str
     surfaces: list[str]
+    # Where the environment's classes live (``module:QualName``): a client that can import the
+    # types decodes into them; otherwise it decodes generic data guided by ``/schema``.
+    env_class: str | None = None
+    observation_type: str | None = None
+    state_type: str | None = None
 
 
 class HealthStatus(msgspec.Struct):
@@ -456,14 +365,15 @@ def json_decoder(type_: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(type_)
 
 
-_FLAT_TENSOR = {"type": "array", "items": {"type": "number"}, "description": "tensor values, flattened"}
+# How the JSON surface describes a tensor; clients find tensor fields in /schema by it.
+FLAT_TENSOR_SCHEMA = {"type": "array", "items": {"type": "number"}, "description": "tensor values, flattened"}
 
 
 def json_schemas(types: tuple[Any, ...], ref_template: str = "#/$defs/{name}") -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
     """JSON Schemas of ``types`` and their shared components, as the JSON surface sends them (flat tensors)."""
     schemas, components = msgspec.json.schema_components(types, ref_template=ref_template)
     if "Tensor" in components:
-        components["Tensor"] = _FLAT_TENSOR
+        components["Tensor"] = FLAT_TENSOR_SCHEMA
     return schemas, components
 
 

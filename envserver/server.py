@@ -42,7 +42,10 @@ class EnvServer:
         for spec in config.envs:
             env_class = envs.load(spec)
             options = config.options_of(spec)
-            env_class(**options).close()  # fail at start, not at the first session
+            try:
+                env_class(**options).close()  # fail at start, not at the first session
+            except Exception as exc:
+                raise coded(exc, ErrorCode.FACTORY_ERROR, f"cannot create {spec}") from None
             self.env_classes[spec] = self.env_classes[env_class.name] = env_class
             self._operator_options[env_class] = options
         self.env_class: EnvClass = self.env_classes[config.env]
@@ -108,8 +111,8 @@ def check_session_options(env_class: EnvClass, options: dict[str, Any]) -> None:
         )
 
 
-def coded(exc: BaseException) -> ServerError:
+def coded(exc: BaseException, code: ErrorCode = ErrorCode.EXECUTION_ERROR, context: str = "") -> ServerError:
     """Any exception raised by an environment, as a coded error for the client."""
     if isinstance(exc, ServerError):
         return exc
-    return ServerError(ErrorCode.EXECUTION_ERROR, f"{type(exc).__name__}: {exc}")
+    return ServerError(code, f"{context + ': ' if context else ''}{type(exc).__name__}: {exc}")

@@ -49,8 +49,10 @@ class BenchReport(msgspec.Struct):
     results: list[BenchResult]
 
 
-def _policy(pool: EnvPool, seed: int) -> Callable[[Any], Any]:
-    """The random legal policy (the echo env, which has no legal actions, gets a fixed message)."""
+def _policy(pool: EnvPool, seed: int, policy: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
+    """``policy`` if given, else the random legal policy (the echo env, which has no legal actions, gets a fixed message)."""
+    if policy is not None:
+        return policy
     if pool.fleet_config.env == "echo":
         return lambda observation: {"message": "ping"}
     return random_legal(seed)
@@ -88,10 +90,10 @@ class StepCounter(Counts):
         )
 
 
-async def _per_env(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int) -> None:
+async def _per_env(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int, policy: Callable[[Any], Any] | None = None) -> None:
     async def drive(index: int) -> None:
         env = pool.envs[index]
-        pick = _policy(pool, seed + index)
+        pick = _policy(pool, seed + index, policy)
         observe = counter.latency.observe
         clock = time.perf_counter
         result = await _reset(env, seed + index, counter, stop_at)
@@ -112,11 +114,11 @@ async def _per_env(pool: EnvPool, stop_at: float, counter: StepCounter, seed: in
     await _all_or_none(drive(i) for i in range(pool.n))
 
 
-async def _batched(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int) -> None:
+async def _batched(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int, policy: Callable[[Any], Any] | None = None) -> None:
     """``pool.step`` over batches of envs that each stay on one server, stepped concurrently."""
 
     async def drive(ids: list[int]) -> None:
-        pick = _policy(pool, seed + ids[0])
+        pick = _policy(pool, seed + ids[0], policy)
         clock = time.perf_counter
         keep_going = counter.keep_going
         results = await _reset_batch(pool, ids, range(len(ids)), [seed + i for i in ids], counter, stop_at)
@@ -194,9 +196,12 @@ def batches(pool: EnvPool) -> list[list[int]]:
     return groups
 
 
-async def _vector(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int) -> None:
+async def _vector(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int, policy: Callable[[Any], Any] | None = None) -> None:
     """``pool.vector().step`` over all envs with uniformly random legal actions (numpy), auto-reset in the servers."""
     import numpy as np
+
+    if policy is not None:
+        raise ValueError("--policy chooses per-env actions; the vector mode draws random legal actions from the mask")
 
     vector = pool.vector()
     rng = np.random.default_rng(seed)
@@ -207,7 +212,7 @@ async def _vector(pool: EnvPool, stop_at: float, counter: StepCounter, seed: int
         actions = np.argmax(rng.random(mask.shape) * mask, axis=1) if mask is not None else np.zeros(pool.n, np.int64)
         start = clock()
         _, _, terminated, truncated, info = await vector.step(actions)
-        counter.latencies.append(clock() - start)
+        counter.latency.observe(clock() - start)
         counter.steps += pool.n
         counter.episodes += int((terminated | truncated).sum())
 
@@ -240,19 +245,20 @@ async def measure(
     progress: Any = None,
     telemetry: Telemetry | None = None,
     keep_going: bool = False,
+    policy: Callable[[Any], Any] | None = None,
 ) -> BenchResult:
     """Run ``mode`` for ``warmup`` then ``seconds`` seconds and return what was measured."""
     warm = StepCounter(keep_going)
     if telemetry is not None:
         telemetry.watch(warm, f"{mode} warm-up")
-    await MODES[mode](pool, time.perf_counter() + warmup, warm, seed)
+    await MODES[mode](pool, time.perf_counter() + warmup, warm, seed, policy)
     counter = StepCounter(keep_going)
     if telemetry is not None:
         telemetry.watch(counter, mode)
     started = time.perf_counter()
     reporter = asyncio.create_task(_progress(mode, counter, started, seconds, progress)) if progress else None
     try:
-        await MODES[mode](pool, started + seconds, counter, seed)
+        await MODES[mode](pool, started + seconds, counter, seed, policy)
     finally:
         if reporter is not None:
             reporter.cancel()
@@ -284,11 +290,14 @@ async def run_bench(
     progress: Any = sys.stderr,
     telemetry: Telemetry | None = None,
     keep_going: bool = False,
+    policy: Callable[[Any], Any] | None = None,
 ) -> BenchReport:
     """Measure each of ``modes`` for ``seconds`` on one pool; ``keep_going`` counts failed calls instead of stopping."""
     async with EnvPool(**pool_kwargs) as pool:
         if telemetry is not None:
             telemetry.attach(pool)
-        results = [await measure(pool, mode, seconds, progress=progress, telemetry=telemetry, keep_going=keep_going) for mode in modes]
+        results = [
+            await measure(pool, mode, seconds, progress=progress, telemetry=telemetry, keep_going=keep_going, policy=policy) for mode in modes
+        ]
         fleet = pool.fleet_config
         return BenchReport(env=fleet.env, options=dict(fleet.env_options), backend=fleet.backend, results=results)

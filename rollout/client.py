@@ -29,8 +29,6 @@ import aiohttp
 import msgspec
 
 from envserver.protocol import (
-    OBSERVATION_TYPES,
-    STATE_TYPES,
     Batch,
     Close,
     Columns,
@@ -50,6 +48,7 @@ from envserver.protocol import (
     mux_reply_decoder,
 )
 
+from .envtypes import WireTypes, fetch_wire_types
 from .errors import (
     EnvCrashed,
     EnvError,
@@ -221,9 +220,7 @@ class EnvClient:
         self._connect_timeout = connect_timeout
         self._heartbeat = heartbeat
         self._max_frame_bytes = max_frame_bytes
-        obs_type = OBSERVATION_TYPES.get(env, Any)
-        self._batch_decoder = msgpack_decoder(Batch[StepResult[obs_type]])  # type: ignore[valid-type]
-        self._state_decoder = msgpack_decoder(STATE_TYPES.get(env, Any))
+        self.use_types(WireTypes())  # connect() reads the server's
         self._ids = itertools.count(1)
         self._sids = itertools.count(1)
         self._inflight: dict[int, _Pending] = {}
@@ -262,6 +259,7 @@ class EnvClient:
             if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
                 raise EnvCrashed(f"cannot connect: {exc!r}", server=self.url) from exc
             raise
+        self.use_types(await fetch_wire_types(self._http, self.url, self.env, self._connect_timeout))
         self.state = ClientState.OPEN
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
@@ -309,6 +307,12 @@ class EnvClient:
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    def use_types(self, types: WireTypes) -> None:
+        """Decode observations and states into ``types`` from now on."""
+        self.wire_types = types
+        self._batch_decoder = msgpack_decoder(Batch[StepResult[types.observation]])  # type: ignore[name-defined]
+        self._state_decoder = msgpack_decoder(types.state)
 
     # -- typed calls
 

@@ -225,8 +225,8 @@ class SlowEchoEnv(EchoEnv):
         time.sleep(0.002 * (len(action.message) % 3))
         return super().step(action)
 
-envs._REGISTRY["faulty"] = "__main__:FaultyEnv"
-envs._REGISTRY["slow_echo"] = "__main__:SlowEchoEnv"
+envs.register("faulty", FaultyEnv)
+envs.register("slow_echo", SlowEchoEnv)
 sys.argv[0] = "envserver"
 from envserver.__main__ import main
 main()

@@ -20,14 +20,8 @@ import pyspiel
 from ..columns import ColumnBatch, ColumnSpec
 from ..env import Environment
 from ..errors import ServerError
-from ..protocol import (
-    ErrorCode,
-    OpenSpielAction,
-    OpenSpielObservation,
-    OpenSpielState,
-    StepResult,
-    Tensor,
-)
+from ..protocol import ErrorCode, StepResult, Tensor
+from .openspiel_types import OpenSpielAction, OpenSpielObservation, OpenSpielState
 from ..rng import SeededRandom
 
 Policy = Callable[[SeededRandom, list[int]], int]

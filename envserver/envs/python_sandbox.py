@@ -36,7 +36,8 @@ import msgspec
 from ..env import Environment
 from ..errors import ServerError
 from ..executor import run_blocking
-from ..protocol import ErrorCode, PythonAction, PythonObservation, PythonState, StepResult
+from ..protocol import ErrorCode, StepResult
+from .python_sandbox_types import PythonAction, PythonObservation, PythonState
 from .sandbox_grader import Grade, grade
 from .sandbox_grading_process import GradingLimits, GradingProcess
 from .sandbox_interpreter import Interpreter, Outcome, SandboxLimits, StartError

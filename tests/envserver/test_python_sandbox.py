@@ -25,7 +25,8 @@ from envserver.envs.sandbox_isolation import descendants, detect
 from envserver.envs.sandbox_tasks import TASKS
 from envserver.envs.sandbox_worker import proc_stat
 from envserver.errors import ServerError
-from envserver.protocol import ErrorCode, PythonAction, PythonObservation
+from envserver.envs.python_sandbox_types import PythonAction, PythonObservation
+from envserver.protocol import ErrorCode
 from tests.conftest import skip_or_fail
 
 # --------------------------------------------------------------------------- /proc helpers

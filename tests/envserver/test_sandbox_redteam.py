@@ -26,7 +26,7 @@ from envserver.envs.python_sandbox import PythonSandboxEnv
 from envserver.envs.sandbox_isolation import descendants, detect
 from envserver.envs.sandbox_tasks import TASKS
 from envserver.envs.sandbox_worker import proc_stat
-from envserver.protocol import PythonAction
+from envserver.envs.python_sandbox_types import PythonAction
 from tests.conftest import skip_or_fail
 
 ALWAYS_EQUAL = """

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from envserver.protocol import OpenSpielObservation, OpenSpielState, StepResult, Tensor
+from envserver.envs.openspiel_types import OpenSpielObservation, OpenSpielState
+from envserver.protocol import StepResult, Tensor
 from rollout import EnvClient, EnvCrashed, EpisodeOver, InvalidAction, PoolClosed, UnknownSession
 from rollout.client import ClientState
 from rollout.config import FleetConfig
