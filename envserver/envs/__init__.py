@@ -20,7 +20,11 @@ def names() -> list[str]:
 
 
 def load(name: str) -> type[Environment]:  # type: ignore[type-arg]
-    """The environment class registered as ``name``."""
+    """The environment class registered as ``name``, or ``openenv:package.module:Class`` adapted."""
+    if name.startswith("openenv:"):  # an OpenEnv environment, served through the adapter
+        from .openenv_adapter import adapt
+
+        return adapt(name.removeprefix("openenv:"))
     try:
         module_name, _, attr = _REGISTRY[name].partition(":")
     except KeyError:
