@@ -30,18 +30,23 @@ if TYPE_CHECKING:
 PolicyFactory = Callable[[int], Callable[[Any], Any]]  # episode seed -> observation -> action
 
 
+def _legal_actions(observation: Any) -> Any:
+    """The legal actions of a typed observation, or of plain JSON data (an OpenEnv server's)."""
+    return observation["legal_actions"] if isinstance(observation, dict) else observation.legal_actions
+
+
 def _random(seed: int) -> Callable[[Any], Any]:
     draw = random.Random(seed).random
 
     def pick(observation: Any) -> Any:
-        legal = observation.legal_actions
+        legal = _legal_actions(observation)
         return legal[int(draw() * len(legal))]
 
     return pick
 
 
 def _first_legal(observation: Any) -> Any:
-    return observation.legal_actions[0]
+    return _legal_actions(observation)[0]
 
 
 BUILTIN_POLICIES: dict[str, PolicyFactory] = {

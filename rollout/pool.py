@@ -27,6 +27,7 @@ from .client import ClientState, EnvClient
 from .config import FleetConfig
 from .errors import EnvCrashed, EnvError, PoolClosed
 from .fleet import FleetBackend, make_backend
+from .openenv_client import OpenEnvClient, client_class
 
 log = logging.getLogger("rollout.pool")
 
@@ -220,9 +221,9 @@ class EnvPool:
         if self.state is not PoolState.OPEN:
             raise PoolClosed(f"pool is {self.state.value}")
 
-    async def _connect(self, url: str) -> EnvClient:
+    async def _connect(self, url: str) -> EnvClient | OpenEnvClient:
         assert self.backend is not None
-        client = EnvClient(
+        client = client_class(url)(
             url,
             env=self.fleet_config.env,
             token=self.backend.token,
