@@ -25,6 +25,15 @@ def load(name: str) -> type[Environment]:  # type: ignore[type-arg]
         from .openenv_adapter import adapt
 
         return adapt(name.removeprefix("openenv:"))
+    if ":" in name and name not in _REGISTRY:  # package.module:Class (stand-in until the plugins loader lands)
+        module_name, _, attr = name.partition(":")
+        try:
+            env_class = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise ServerError(ErrorCode.NOT_FOUND, f"cannot load environment {name!r}: {exc}") from None
+        if not (isinstance(env_class, type) and issubclass(env_class, Environment)):
+            raise ServerError(ErrorCode.NOT_FOUND, f"{name!r} is not an envserver Environment subclass")
+        return env_class
     try:
         module_name, _, attr = _REGISTRY[name].partition(":")
     except KeyError:
