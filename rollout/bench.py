@@ -51,7 +51,7 @@ def _pick(rng: random.Random) -> Callable[[Any], Any]:
     """A uniform random legal action (or the echo env's message)."""
 
     def pick(observation: Any) -> Any:
-        legal = getattr(observation, "legal_actions", None)
+        legal = observation.get("legal_actions") if isinstance(observation, dict) else getattr(observation, "legal_actions", None)
         if legal is None:
             return {"message": "ping"}
         return legal[int(rng.random() * len(legal))]

@@ -7,7 +7,8 @@ the OpenEnv class unchanged, so it gets envserver's sessions, the mux fast path,
 (where its ``reset`` takes them) and the fleet backends:
 
 * actions are validated by OpenEnv's own ``deserialize_action`` into the pydantic action
-  class (MCP ``list_tools``/``call_tool`` actions included, as OpenEnv routes them);
+  class (MCP ``list_tools``/``call_tool`` actions included, as OpenEnv routes them); a
+  bare integer means ``{"action_id": n}`` when the action class has that field;
 * observations and states become JSON-native data (``model_dump(mode="json")``, about
   2 us for a catch observation); ``reward`` and ``done`` are lifted out as OpenEnv does;
 * ``reset`` gets ``seed`` and the reset options as keyword arguments, filtered to what
@@ -133,6 +134,7 @@ def adapt(target: str) -> type[Environment]:  # type: ignore[type-arg]
     tools = _discover_tools(wrapped)
     reset_params = inspect.signature(wrapped.reset).parameters
     reset_takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in reset_params.values())
+    takes_action_id = "action_id" in action_cls.model_fields  # type: ignore[attr-defined]
     concurrent = bool(getattr(wrapped, "SUPPORTS_CONCURRENT_SESSIONS", False))
     live = [0]  # instances alive, for environments that allow one session only
     lock = threading.Lock()
@@ -181,6 +183,8 @@ def adapt(target: str) -> type[Environment]:  # type: ignore[type-arg]
 
         @classmethod
         def parse_action(cls, raw: Any) -> Any:
+            if type(raw) is int and takes_action_id:  # a bare legal-action id, as envfleet's policies send it
+                raw = {"action_id": raw}
             if not isinstance(raw, dict):
                 raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad action for {cls.name}: expected an object, got {type(raw).__name__}")
             try:
