@@ -50,6 +50,8 @@ def _import_class(target: str) -> type:
         raise ServerError(ErrorCode.NOT_FOUND, f"cannot import {module_name!r} for {target!r}: {exc}") from None
     except AttributeError:
         raise ServerError(ErrorCode.NOT_FOUND, f"module {module_name!r} has no {attr!r}") from None
+    except Exception as exc:  # the module raised while importing
+        raise ServerError(ErrorCode.NOT_FOUND, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
     return obj  # type: ignore[no-any-return]
 
 
@@ -105,7 +107,10 @@ def _discover_tools(env_class: type) -> dict[str, str]:
         return {}
     from openenv.core.env_server.mcp_environment import get_server_tools
 
-    probe = env_class()
+    try:
+        probe = env_class()
+    except Exception as exc:
+        raise ServerError(ErrorCode.FACTORY_ERROR, f"cannot create {env_class.__qualname__}: {type(exc).__name__}: {exc}") from None
     try:
         return {name: tool.description or "" for name, tool in get_server_tools(probe.mcp_server).items()}
     finally:

@@ -87,3 +87,20 @@ class SingleSessionEnvironment(Environment[CounterAction, CounterObservation, St
     @property
     def state(self) -> State:
         return self._state
+
+
+class BrokenToolsEnvironment(MCPEnvironment):
+    """An MCP environment whose constructor fails: the server must say so at start, in one line."""
+
+    def __init__(self) -> None:
+        raise OSError("the tool backend is unreachable")
+
+    def reset(self, seed: int | None = None, episode_id: str | None = None, **kwargs: Any) -> Observation:
+        raise NotImplementedError
+
+    def _step_impl(self, action: Action, timeout_s: float | None = None, **kwargs: Any) -> Observation:
+        raise NotImplementedError
+
+    @property
+    def state(self) -> State:
+        raise NotImplementedError

@@ -8,7 +8,9 @@ each served by a real envserver process and driven over the mux (``EnvPool``), O
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,7 @@ from envserver.errors import ServerError
 from rollout import EnvPool
 from rollout.errors import InvalidAction, ServerReplyError
 
-from ..conftest import ServerFactory, ServerProcess
+from ..conftest import ServerProcess
 from .test_openenv_ws import ask, assert_error
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,14 +31,30 @@ SINGLE = "openenv:tests.envserver.openenv_envs:SingleSessionEnvironment"
 PYTHONPATH = {"PYTHONPATH": os.pathsep.join([str(REPO / "loadtests"), str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-@pytest.fixture(scope="module")
-def openenv_catch(shared_server: ServerFactory) -> ServerProcess:
-    return shared_server("--env", CATCH, env=PYTHONPATH)
+# Importing openenv.core.env_server imports gradio: seconds of CPU, far more on a busy machine.
+STARTUP_TIMEOUT = 120.0
+
+
+@contextlib.contextmanager
+def served(env: str) -> Iterator[ServerProcess]:
+    """An envserver serving ``env``, given OpenEnv's slow import time to start; stopped on exit."""
+    server = ServerProcess(("--env", env), env=PYTHONPATH)
+    try:
+        yield server.wait_ready(timeout=STARTUP_TIMEOUT)
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
-def openenv_notes(shared_server: ServerFactory) -> ServerProcess:
-    return shared_server("--env", NOTES, env=PYTHONPATH)
+def openenv_catch() -> Iterator[ServerProcess]:
+    with served(CATCH) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def openenv_notes() -> Iterator[ServerProcess]:
+    with served(NOTES) as server:
+        yield server
 
 
 def pool_on(server: ServerProcess, env: str, n: int) -> EnvPool:
@@ -62,12 +80,12 @@ async def test_catch_bad_actions_are_coded_and_leave_the_episode(openenv_catch: 
     async with pool_on(openenv_catch, CATCH, 2) as pool:
         env = pool.envs[0]
         await env.reset(seed=1)
-        for bad in ({"action_id": "left"}, {"action_id": 1, "extra": 2}, 3, None):
+        for bad in ({"action_id": "left"}, {"action_id": 1, "extra": 2}, [1], True, "1", None):
             with pytest.raises(InvalidAction, match="VALIDATION_ERROR"):
                 await env.step(bad)
         assert (await env.state())["step_count"] == 0
         for _ in range(9):
-            result = await env.step({"action_id": 0})
+            result = await env.step(0)  # a bare id is the action_id
         assert result.terminated
         with pytest.raises(ServerReplyError, match="EXECUTION_ERROR: RuntimeError: episode is over") as caught:
             await env.step({"action_id": 0})  # the environment raised: this session is told
@@ -134,8 +152,12 @@ async def test_mcp_environment_over_the_mux(openenv_notes: ServerProcess) -> Non
         assert sorted(t["name"] for t in listed.observation["tools"]) == ["add_note", "read_notes"]
 
 
-async def test_single_session_environment_refuses_a_second_session(spawn_server: ServerFactory) -> None:
-    server = spawn_server("--env", SINGLE, env=PYTHONPATH)
+async def test_single_session_environment_refuses_a_second_session() -> None:
+    with served(SINGLE) as server:
+        await _single_session(server)
+
+
+async def _single_session(server: ServerProcess) -> None:
     async with pool_on(server, SINGLE, 1) as pool:
         first = await pool.envs[0].reset(seed=3)  # its reset takes no seed: dropped, as OpenEnv does
         assert first.observation == {"total": 0}
@@ -154,16 +176,18 @@ async def test_single_session_environment_refuses_a_second_session(spawn_server:
         ("openenv_catch:NoSuchClass", "has no 'NoSuchClass'"),
         ("openenv_catch:CatchAction", "is not a subclass of openenv.core.env_server.Environment"),
         ("openenv_catch", "expected openenv:package.module:Class"),
+        ("tests.envserver.openenv_envs:BrokenToolsEnvironment", "cannot create BrokenToolsEnvironment: OSError: the tool backend"),
     ],
 )
 def test_bad_targets_are_one_line_errors(target: str, message: str) -> None:
     with pytest.raises(ServerError, match=message) as caught:
         envs.load("openenv:" + target)
-    assert caught.value.code == "NOT_FOUND" and "\n" not in caught.value.message
+    assert caught.value.code in ("NOT_FOUND", "FACTORY_ERROR") and "\n" not in caught.value.message
 
 
-def test_envserver_exits_with_one_line_for_a_bad_target(spawn_server: ServerFactory) -> None:
+def test_envserver_exits_with_one_line_for_a_bad_target() -> None:
     with pytest.raises(RuntimeError, match="exited with 2") as caught:
-        spawn_server("--env", "openenv:openenv_catch:NoSuchClass", env=PYTHONPATH)
+        with served("openenv:openenv_catch:NoSuchClass"):
+            pass
     assert "envserver: error: module 'openenv_catch' has no 'NoSuchClass'" in str(caught.value)
     assert "Traceback" not in str(caught.value)
