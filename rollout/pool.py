@@ -31,6 +31,8 @@ from .openenv_client import OpenEnvClient, client_class
 
 log = logging.getLogger("rollout.pool")
 
+Client = EnvClient | OpenEnvClient  # envserver's mux, or an unmodified OpenEnv server's /ws
+
 Policy = Callable[[Any], Any]  # observation -> action, or an awaitable of one
 
 
@@ -70,7 +72,7 @@ def episode_seed(seed: int, episode: int) -> int:
 class _Slot:
     """One server of the pool: its URL, its client and the envs placed on it."""
 
-    def __init__(self, url: str, client: EnvClient) -> None:
+    def __init__(self, url: str, client: Client) -> None:
         self.url = url
         self.client = client
         self.envs: list[Env] = []
@@ -170,7 +172,7 @@ class EnvPool:
         return [slot.url for slot in self._slots]
 
     @property
-    def clients(self) -> list[EnvClient]:
+    def clients(self) -> list[Client]:
         return [slot.client for slot in self._slots]
 
     # -- lifecycle
@@ -221,7 +223,7 @@ class EnvPool:
         if self.state is not PoolState.OPEN:
             raise PoolClosed(f"pool is {self.state.value}")
 
-    async def _connect(self, url: str) -> EnvClient | OpenEnvClient:
+    async def _connect(self, url: str) -> Client:
         assert self.backend is not None
         client = client_class(url)(
             url,
@@ -232,7 +234,7 @@ class EnvPool:
         )
         return await client.connect()
 
-    async def _open_sessions(self, client: EnvClient, envs: list[Env]) -> None:
+    async def _open_sessions(self, client: Client, envs: list[Env]) -> None:
         options = self.fleet_config.env_options
         await asyncio.gather(*(client.open(env.sid, None, options, label=env.index) for env in envs))
 

@@ -6,6 +6,7 @@ served by OpenEnv's own ``create_app``; the pool reaches it as ``openenv+ws://ho
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -109,6 +110,7 @@ async def test_pool_runs_episodes_on_an_openenv_server(openenv_server: OpenEnvSe
         records = [r async for r in pool.run(lambda obs: obs["legal_actions"][0], episodes=10, seed=1)]
         assert sorted(r.episode for r in records) == list(range(10))
         assert all(r.length == 9 and r.reward in (1.0, -1.0) for r in records)
+    assert [t for t in asyncio.all_tasks() if t.get_name().startswith("openenv-read")] == []  # every reader stopped
 
 
 async def test_bad_action_and_capacity_are_coded_per_session(openenv_server: OpenEnvServer) -> None:
