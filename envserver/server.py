@@ -39,6 +39,8 @@ class EnvServer:
         """Open a session of the default environment, or of ``env`` with its own defaults."""
         if env is None or env == self.config.env:
             return self.sessions.open(key, **(options or {}))
+        if ":" in env:  # a module path imports code: only the operator names one (--env), never a client
+            raise ServerError(ErrorCode.NOT_FOUND, f"environment {env!r} is not served here; this server serves {self.config.env!r}")
         env_class = envs.load(env)
         return self.sessions.open(key, env_class, **(options or {}))
 

@@ -191,3 +191,13 @@ def test_envserver_exits_with_one_line_for_a_bad_target() -> None:
             pass
     assert "envserver: error: module 'openenv_catch' has no 'NoSuchClass'" in str(caught.value)
     assert "Traceback" not in str(caught.value)
+
+
+@pytest.mark.parametrize("spec", ["openenv:this:Zen", "this:Zen", "openenv:openenv_catch:CatchEnvironment"])
+async def test_clients_cannot_make_a_server_import_modules(echo_server: ServerProcess, mux_connect, spec: str) -> None:
+    """Opening a session of ``package.module:Class`` would import (run) that module: only ``--env`` may."""
+    mux = await mux_connect(echo_server)
+    (reply,) = await mux.call(mux.req("open", 1, spec, {}))
+    assert not reply.ok and reply.body["code"] == "NOT_FOUND" and "is not served here" in reply.body["message"]
+    await mux.ping()
+    assert "Beautiful is better than ugly" not in echo_server.stdout_path.read_text()  # `import this` never ran
