@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout import CapacityReached, EnvCrashed, EnvPool
+from rollout import CapacityReached, EnvCrashed, EnvError, EnvPool
 from rollout.openenv_client import OpenEnvClient, http_url, is_openenv_url
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,3 +156,62 @@ def test_rollout_eval_against_an_openenv_server(openenv_server: OpenEnvServer, t
     episodes = [line for line in lines if "episode" in line]
     assert sorted(e["episode"] for e in episodes) == list(range(12))
     assert all(e["length"] == 9 and e["return"] in (1.0, -1.0) and e["server"].startswith("openenv+ws:") for e in episodes)
+
+
+async def _hostile_server(behaviour: str):
+    """A WebSocket server on 127.0.0.1:0 that misbehaves as told; returns (runner, openenv+ws URL)."""
+    from aiohttp import web
+
+    async def ws_handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            if behaviour == "garbage":
+                await ws.send_str("{not json")
+            elif behaviour == "wrong-shape":
+                await ws.send_str('{"type": "observation", "data": {"reward": "lots"}}')
+            # "silent": never answers
+        return ws
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "healthy"})
+
+    app = web.Application()
+    app.router.add_get("/ws", ws_handler)
+    app.router.add_get("/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"openenv+ws://127.0.0.1:{port}"
+
+
+async def test_a_silent_server_times_out_and_the_session_is_abandoned() -> None:
+    runner, url = await _hostile_server("silent")
+    try:
+        async with OpenEnvClient(url, request_timeout=0.5) as client:
+            await client.open(1)
+            from rollout import RequestTimeout, UnknownSession
+
+            with pytest.raises(RequestTimeout, match="session abandoned"):
+                await client.reset(1)
+            with pytest.raises(UnknownSession):  # a late reply could never be matched again
+                await client.step(1, 0)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "error", "message"),
+    [("garbage", EnvCrashed, "unreadable frame"), ("wrong-shape", EnvError, "cannot decode reply")],
+)
+async def test_unreadable_replies_are_errors_not_hangs(behaviour: str, error: type[Exception], message: str) -> None:
+    runner, url = await _hostile_server(behaviour)
+    try:
+        async with OpenEnvClient(url, request_timeout=5) as client:
+            await client.open(1)
+            with pytest.raises(error, match=message):
+                await asyncio.wait_for(client.reset(1), 10)
+    finally:
+        await runner.cleanup()
