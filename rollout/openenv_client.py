@@ -176,6 +176,9 @@ class OpenEnvClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             self._broken(f"cannot connect: {exc!r}")
             raise EnvCrashed(f"cannot connect: {exc!r}", env=label, server=self.url) from exc
+        if self.state is not ClientState.OPEN:  # closed or broken while connecting: this socket has no owner
+            await ws.close()
+            self._check_open(label)
         session = _Session(ws, dict(options or {}))
         session.reader = asyncio.create_task(self._read_forever(sid, session), name=f"openenv-read {self.url} {sid}")
         self._sessions[sid] = session
@@ -253,10 +256,14 @@ class OpenEnvClient:
                 frame = await asyncio.wait_for(asyncio.shield(future), self._request_timeout)
             except asyncio.TimeoutError:
                 # A late reply would answer the next request: this session cannot go on.
+                future.cancel()  # its error is raised here, not left on an unread future
                 error = RequestTimeout(f"no reply within {self._request_timeout:g} s; session abandoned", env=label, server=self.url)
                 self._sessions.pop(sid, None)
                 await self._drop(session, error)
                 raise error from None
+            except asyncio.CancelledError:
+                future.cancel()  # stays queued: its reply, when it comes, is read and dropped, keeping replies in step
+                raise
         if frame.type == "error":
             info = _error_decoder.decode(frame.data)
             raise from_reply(info.code, info.message, env=label, server=self.url)
