@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from .errors import ServerError
@@ -50,6 +51,8 @@ async def handle_jsonrpc(server: EnvServer, session: Session | None, payload: An
         env = session.env if session is not None else server._make_env()
         try:
             content = env.call_tool(name, arguments)
+            if inspect.isawaitable(content):  # tools that do I/O (an adapted OpenEnv MCP environment's)
+                content = await content
         except ServerError as exc:
             return _error(rid, INVALID_PARAMS, exc.message)
         except Exception as exc:

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     build = image_sub.add_parser("build", help="build the base image if missing, the wheelhouse, then the image")
     build.add_argument("--base", help="base image (default: a Debian image built locally with debootstrap)")
     build.add_argument("--tag", default="envfleet:latest", help="tag of the image (default: envfleet:latest)")
+    build.add_argument(
+        "--with", dest="with_packages", action="append", default=[], metavar="PATH",
+        help="also install this package directory or wheel, with its dependencies (repeatable)",
+    )
     build.set_defaults(handler=_image_build)
     return parser
 
@@ -171,7 +175,7 @@ async def _env_new(args: argparse.Namespace) -> int:
 async def _image_build(args: argparse.Namespace) -> int:
     from .image import build_image
 
-    await asyncio.to_thread(build_image, args.base, args.tag, lambda line: print(line, flush=True))
+    await asyncio.to_thread(build_image, args.base, args.tag, lambda line: print(line, flush=True), args.with_packages)
     return EXIT_OK
 
 

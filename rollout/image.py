@@ -5,8 +5,11 @@ Three steps, each skipped when its output is current:
 1. the base image: by default ``envfleet-base:bookworm``, made offline by
    ``deploy/build-base-image.sh`` (debootstrap + ``docker import``);
 2. the wheelhouse ``deploy/wheels/``: cp311 manylinux wheels of envfleet's
-   dependencies (``deps/``, downloaded by pip on the host) and the envfleet
-   wheel itself (``app/``, built from this source tree);
+   dependencies (``deps/``, downloaded by pip on the host), the envfleet
+   wheel itself (``app/``, built from this source tree) and the packages given
+   with ``--with`` plus their dependencies (``extra/``, resolved on the host:
+   a path that is not a package, or dependencies pip cannot find as wheels for
+   the image, stop the build before Docker runs);
 3. ``docker build`` of ``deploy/Dockerfile`` on that base, with no network
    for the build steps.
 
@@ -19,13 +22,15 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+import zipfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from rollout.errors import FleetError
@@ -44,23 +49,32 @@ Progress = Callable[[str], object]
 
 
 def build_image(
-    base: str | None = None, tag: str = "envfleet:latest", progress: Progress = print
+    base: str | None = None,
+    tag: str = "envfleet:latest",
+    progress: Progress = print,
+    with_packages: Iterable[str | os.PathLike[str]] = (),
 ) -> None:
-    """Build the envfleet image ``tag`` on ``base`` (default: the offline-built Debian base)."""
+    """Build the envfleet image ``tag`` on ``base`` (default: the offline-built Debian base).
+
+    ``with_packages``: package directories or wheels to install in the image too, with
+    their dependencies (resolved here, on the host; the image build stays offline).
+    """
     started = time.monotonic()
+    extras = [_package_path(path) for path in with_packages]
     if not (DEPLOY / "Dockerfile").is_file():
         raise FleetError(f"building the image needs an envfleet source checkout; {DEPLOY} is missing")
     docker = shutil.which("docker")
     if docker is None:
         raise FleetError("the docker CLI is not installed")
+    _wheelhouse_deps(progress)
+    _wheelhouse_app(progress)
+    _wheelhouse_extra(extras, _platforms(), progress)  # bad packages fail here, before any Docker build
     if base is None:
         base = DEFAULT_BASE
         if not _image_exists(docker, base):
             _build_base(base, progress)
     elif not _image_exists(docker, base):
         progress(f"base image {base} is not present locally; docker build will pull it")
-    _wheelhouse_deps(progress)
-    _wheelhouse_app(progress)
     _docker_build(docker, base, tag, progress)
     progress(f"image {tag} ready in {time.monotonic() - started:.1f} s")
 
@@ -120,10 +134,7 @@ def _replace_dir(directory: Path, new: Path, digest: str) -> None:
 def _wheelhouse_deps(progress: Progress) -> None:
     """Download the dependencies' wheels for the image's platform, unless current."""
     requirements = _requirements()
-    machine = platform.machine()
-    # pip takes --platform literally (no implied older manylinux), so list them all.
-    platforms = [f"manylinux_2_{minor}_{machine}" for minor in range(GLIBC_MINOR, 4, -1)]
-    platforms += [f"manylinux{legacy}_{machine}" for legacy in ("2014", "2010", "1")] + ["any"]
+    platforms = _platforms()
     digest = hashlib.sha256("\n".join([*requirements, *platforms]).encode()).hexdigest()
     target = WHEELS / "deps"
     if _stamp_ok(target, digest):
@@ -134,19 +145,29 @@ def _wheelhouse_deps(progress: Progress) -> None:
     new = Path(tempfile.mkdtemp(prefix=".deps-", dir=WHEELS))
     try:
         (new / "requirements.txt").write_text("\n".join(requirements) + "\n")
-        platform_args = [arg for p in platforms for arg in ("--platform", p)]
-        _run(
-            [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
-             "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp",
-             "--abi", "cp" + PYTHON_VERSION.replace(".", ""), *platform_args,
-             "-d", str(new), "-r", str(new / "requirements.txt")],
-            progress, "pip download of the dependencies",
-        )
+        _run([*_pip_download(platforms), "-d", str(new), "-r", str(new / "requirements.txt")],
+             progress, "pip download of the dependencies")
         _replace_dir(target, new, digest)
     finally:
         shutil.rmtree(new, ignore_errors=True)
     count = len(list(target.glob("*.whl")))
     progress(f"downloaded {count} wheels in {time.monotonic() - started:.1f} s")
+
+
+def _platforms() -> list[str]:
+    """The wheel platform tags the image accepts, newest first."""
+    machine = platform.machine()
+    # pip takes --platform literally (no implied older manylinux), so list them all.
+    platforms = [f"manylinux_2_{minor}_{machine}" for minor in range(GLIBC_MINOR, 4, -1)]
+    return platforms + [f"manylinux{legacy}_{machine}" for legacy in ("2014", "2010", "1")] + ["any"]
+
+
+def _pip_download(platforms: list[str]) -> list[str]:
+    """``pip download`` of wheels for the image's Python and platforms (the arguments up to ``-d``)."""
+    platform_args = [arg for p in platforms for arg in ("--platform", p)]
+    return [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+            "--only-binary=:all:", "--python-version", PYTHON_VERSION, "--implementation", "cp",
+            "--abi", "cp" + PYTHON_VERSION.replace(".", ""), *platform_args]
 
 
 def _source_digest() -> str:
@@ -202,3 +223,94 @@ def _docker_build(docker: str, base: str, tag: str, progress: Progress) -> None:
         capture_output=True,
     )
     progress(f"docker build done in {time.monotonic() - started:.1f} s")
+
+
+def _package_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` if it is a package directory or a wheel, else a clear ``FleetError``."""
+    resolved = Path(path).expanduser().resolve()
+    if resolved.is_dir():
+        if not any((resolved / name).is_file() for name in ("pyproject.toml", "setup.py", "setup.cfg")):
+            raise FleetError(f"--with {path}: not a Python package (no pyproject.toml, setup.py or setup.cfg in the directory)")
+        return resolved
+    if resolved.is_file():
+        if resolved.suffix != ".whl":
+            raise FleetError(f"--with {path}: not a package directory or a wheel (.whl)")
+        try:
+            with zipfile.ZipFile(resolved) as wheel:
+                if not any(n.endswith(".dist-info/METADATA") for n in wheel.namelist()):
+                    raise FleetError(f"--with {path}: not a wheel (no .dist-info/METADATA inside)")
+        except zipfile.BadZipFile:
+            raise FleetError(f"--with {path}: not a wheel (not a zip archive)") from None
+        return resolved
+    raise FleetError(f"--with {path}: no such file or directory")
+
+
+def _wheel_pins(directory: Path) -> list[str]:
+    """``name==version`` of every wheel in ``directory`` (from the file names)."""
+    pins = []
+    for wheel in sorted(directory.glob("*.whl")):
+        name, version = wheel.name.split("-")[:2]
+        pins.append(f"{re.sub(r'[-_.]+', '-', name).lower()}=={version}")
+    return pins
+
+
+def _wheelhouse_extra(packages: list[Path], platforms: list[str], progress: Progress) -> None:
+    """Build wheels of ``packages`` and download their dependencies into ``wheels/extra/``.
+
+    Dependencies envfleet already ships are pinned to its versions and not copied again.
+    Always leaves ``requirements.txt`` (empty without packages), which the Dockerfile reads.
+    """
+    target = WHEELS / "extra"
+    h = hashlib.sha256("\n".join(platforms).encode())
+    for package in packages:
+        files = [package] if package.is_file() else sorted(
+            p for p in package.rglob("*")
+            if p.is_file() and not {"__pycache__", "build", ".git", ".venv"} & set(p.parts) and ".egg-info" not in str(p)
+        )
+        for path in files:
+            h.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
+    h.update((WHEELS / "deps" / ".stamp").read_bytes() + (WHEELS / "app" / ".stamp").read_bytes())
+    digest = h.hexdigest()
+    if _stamp_ok(target, digest):
+        progress("extra packages are current" if packages else "no extra packages")
+        return
+    started = time.monotonic()
+    new = Path(tempfile.mkdtemp(prefix=".extra-", dir=WHEELS))
+    try:
+        built = new / "given"
+        built.mkdir()
+        for package in packages:
+            if package.is_file():
+                shutil.copy2(package, built / package.name)
+                continue
+            _run([sys.executable, "-m", "pip", "wheel", "--quiet", "--disable-pip-version-check", "--no-deps",
+                  "-w", str(built), str(package)], progress, f"build of a wheel of {package}")
+        given = sorted(built.glob("*.whl"))
+        for wheel in given:
+            wheel.rename(new / wheel.name)
+        built.rmdir()
+        if given:
+            constraints = new / "constraints.txt"
+            constraints.write_text("\n".join(_wheel_pins(WHEELS / "deps") + _wheel_pins(WHEELS / "app")) + "\n")
+            try:
+                _run([*_pip_download(platforms), "-d", str(new), "--find-links", str(WHEELS / "deps"),
+                      "--find-links", str(WHEELS / "app"), "--find-links", str(new), "-c", str(constraints),
+                      *(str(w) for w in given)], progress, "resolving the dependencies")
+            except FleetError as exc:
+                names = ", ".join(w.name for w in given)
+                raise FleetError(
+                    f"--with: the dependencies of {names} cannot be resolved as cp{PYTHON_VERSION.replace('.', '')} "
+                    f"manylinux wheels for the image ({exc}); pass wheels of the missing ones with --with"
+                ) from None
+            constraints.unlink()
+            shipped = {w.name for w in (WHEELS / "deps").glob("*.whl")} | {w.name for w in (WHEELS / "app").glob("*.whl")}
+            for wheel in new.glob("*.whl"):
+                if wheel.name in shipped:
+                    wheel.unlink()
+        (new / "requirements.txt").write_text("".join(f"/wheels/extra/{w.name}\n" for w in given))
+        _replace_dir(target, new, digest)
+    finally:
+        shutil.rmtree(new, ignore_errors=True)
+    if packages:
+        count = len(list(target.glob("*.whl")))
+        progress(f"extra wheelhouse: {count} wheels for {len(packages)} package(s) in {time.monotonic() - started:.1f} s")

@@ -27,11 +27,14 @@ from .client import DEFAULT_MAX_FRAME_BYTES, ClientState, EnvClient
 from .config import FleetConfig
 from .errors import EnvCrashed, EnvError, FleetError, PoolClosed, RequestTimeout, UnknownSession
 from .fleet import FleetBackend, make_backend
+from .openenv_client import OpenEnvClient, client_class
 
 if TYPE_CHECKING:
     from .vector import VectorPool
 
 log = logging.getLogger("rollout.pool")
+
+Client = EnvClient | OpenEnvClient  # envserver's mux, or an unmodified OpenEnv server's /ws
 
 Policy = Callable[[Any], Any]  # observation -> action, or an awaitable of one
 
@@ -77,7 +80,7 @@ class PoolState(enum.Enum):
 class _Slot:
     """One server of the pool: its URL, its client and the envs placed on it."""
 
-    def __init__(self, url: str, client: EnvClient, options: dict[str, Any]) -> None:
+    def __init__(self, url: str, client: Client, options: dict[str, Any]) -> None:
         self.url = url
         self.client = client
         self.options = options  # the sessions' open options
@@ -191,7 +194,7 @@ class EnvPool:
         return [slot.url for slot in self._slots]
 
     @property
-    def clients(self) -> list[EnvClient]:
+    def clients(self) -> list[Client]:
         return [slot.client for slot in self._slots]
 
     # -- lifecycle
@@ -242,9 +245,9 @@ class EnvPool:
         if self.state is not PoolState.OPEN:
             raise PoolClosed(f"pool is {self.state.value}")
 
-    async def _connect(self, url: str) -> EnvClient:
+    async def _connect(self, url: str) -> Client:
         assert self.backend is not None
-        client = EnvClient(
+        client = client_class(url)(
             url,
             env=self.fleet_config.env,
             token=self.backend.token,
@@ -254,7 +257,7 @@ class EnvPool:
         )
         return await client.connect()
 
-    async def _open_sessions(self, client: EnvClient, envs: list[Env]) -> None:
+    async def _open_sessions(self, client: Client, envs: list[Env]) -> None:
         options = self.fleet_config.open_options()
         await asyncio.gather(*(client.open(env.sid, None, options, label=env.index) for env in envs))
 

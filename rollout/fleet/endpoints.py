@@ -1,6 +1,7 @@
 """Servers someone else runs: a list of URLs, or one DNS name resolved to all its addresses.
 
-``dns://name:port`` suits a Kubernetes headless Service, whose name resolves to one
+``openenv+ws://host:port`` names an unmodified OpenEnv server, driven over its ``WS /ws``
+(``rollout.openenv_client``). ``dns://name:port`` suits a Kubernetes headless Service, whose name resolves to one
 address per ready pod; the name is resolved again whenever a server has to be replaced.
 """
 
@@ -15,6 +16,7 @@ import aiohttp
 
 from ..config import FleetConfig
 from ..errors import FleetError
+from ..openenv_client import http_url
 from .base import FleetBackend
 from .health import wait_healthy
 
@@ -52,7 +54,7 @@ class EndpointsFleet(FleetBackend):
                 if not parts.hostname:
                     raise FleetError(f"bad endpoint {endpoint!r}: expected dns://name:port")
                 urls += await resolve(parts.hostname, parts.port or 8000)
-            else:
+            else:  # http://host:port (envserver) or openenv+ws://host:port (an OpenEnv server)
                 urls.append(endpoint.rstrip("/"))
         return list(dict.fromkeys(urls))
 
@@ -61,7 +63,7 @@ class EndpointsFleet(FleetBackend):
         deadline = time.monotonic() + self.config.start_timeout
         async with aiohttp.ClientSession() as http:
             results = await asyncio.gather(
-                *(wait_healthy(http, url, deadline, token=self.token) for url in urls), return_exceptions=True
+                *(wait_healthy(http, http_url(url), deadline, token=self.token) for url in urls), return_exceptions=True
             )
         healthy = [url for url, result in zip(urls, results) if result is None]
         if not healthy:
@@ -80,7 +82,7 @@ class EndpointsFleet(FleetBackend):
                     if candidate in self._urls:
                         continue
                     try:
-                        await wait_healthy(http, candidate, min(deadline, time.monotonic() + 2.0), token=self.token)
+                        await wait_healthy(http, http_url(candidate), min(deadline, time.monotonic() + 2.0), token=self.token)
                     except TimeoutError:
                         continue
                     self._urls.append(candidate)

@@ -1,0 +1,144 @@
+"""One OpenEnv environment on two servers, side by side in one run: envserver (through the adapter) vs OpenEnv's own.
+
+usage: python loadtests/openenv_served_compare.py [--sizes 1,64,256] [--seconds 5] [--warmup 1]
+                                                  [--servers 2] [--openenv-servers 2]
+                                                  [--out loadtests/out/openenv_served_compare.json]
+
+The environment is ``openenv_catch.CatchEnvironment``: catch written against
+``openenv.core.env_server.Environment`` with pydantic models, unchanged on both sides.
+
+(a) OpenEnv's stack: ``create_app`` under uvicorn in ``--openenv-servers`` processes,
+    OpenEnv's async ``GenericEnvClient``, one WebSocket per session (``openenv_compare.py``).
+(b) envfleet: ``envserver --env openenv:openenv_catch:CatchEnvironment`` in ``--servers``
+    local processes, ``EnvPool`` per-env and (n >= 16) batched, as ``rollout bench`` measures.
+
+For each n the cases run back to back, so they see the same machine load. Both sides step
+with a uniform random legal action and receive the full observation. Every subprocess is
+stopped in ``finally``; servers also exit when their standard input closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from openenv_compare import OpenEnvServers, Row, line, measure_openenv, table  # same directory; run as a script
+from pool_throughput import machine, measure_with_cpu, sizes
+from rollout import EnvPool
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out" / "openenv_served_compare.json"
+TARGET = "openenv:openenv_catch:CatchEnvironment"
+RATIO_TARGET = (256, 20.0)  # envfleet serving the OpenEnv environment >= 20x OpenEnv's own server at 256 sessions
+
+
+async def measure_served(n: int, servers: int, seconds: float, warmup: float) -> list[Row]:
+    """envserver serving the OpenEnv class: per-env, and batched from n = 16."""
+    modes = ["per-env", "batched"] if n >= 16 else ["per-env"]
+    rows = [Row(n=n, stack=f"envserver {mode}", servers=servers) for mode in modes]
+    try:
+        async with EnvPool(n=n, env=TARGET, backend="local", servers=servers) as pool:
+            for row, mode in zip(rows, modes):
+                try:
+                    row.result, row.cpu = await measure_with_cpu(pool, mode, seconds, warmup)
+                    row.error = f"{row.result.errors} errors" if row.result.errors else None
+                except Exception as exc:  # recorded; the other cases go on
+                    row.error = f"{type(exc).__name__}: {exc}"
+                print(f"  n={n:>4} {line(row)}", file=sys.stderr, flush=True)
+    except Exception as exc:  # the pool itself failed
+        for row in rows:
+            row.error = row.error or f"{type(exc).__name__}: {exc}"
+    return rows
+
+
+async def compare_size(n: int, openenv: OpenEnvServers, servers: int, seconds: float, warmup: float) -> list[Row]:
+    base = Row(n=n, stack="openenv", servers=len(openenv.urls))
+    try:
+        base.result, base.cpu, first_error = await measure_openenv(openenv, n, seconds, warmup)
+        base.error = first_error or None
+    except Exception as exc:
+        base.error = f"{type(exc).__name__}: {exc}"
+    print(f"  n={n:>4} {line(base)}", file=sys.stderr, flush=True)
+    rows = [base, *await measure_served(n, servers, seconds, warmup)]
+    for row in rows[1:]:
+        if base.result is not None and row.result is not None and base.result.steps_per_s > 0:
+            row.ratio = round(row.result.steps_per_s / base.result.steps_per_s, 1)
+        if base.cpu is not None and row.cpu is not None and base.cpu.steps_per_cpu_s > 0:
+            row.cpu_ratio = round(row.cpu.steps_per_cpu_s / base.cpu.steps_per_cpu_s, 1)
+    return rows
+
+
+def target_note(rows: list[Row]) -> str:
+    n, bound = RATIO_TARGET
+    ratios = [r.ratio for r in rows if r.n == n and r.ratio is not None]
+    if not ratios:
+        return f"target envserver/OpenEnv >= {bound:g}x at n={n}: not measured"
+    best = max(ratios)
+    return f"target envserver/OpenEnv >= {bound:g}x at n={n}: {'met' if best >= bound else 'MISSED'} ({best:g}x)"
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    # The envserver processes import openenv_catch from this directory.
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+    info = machine()
+    started = time.time()
+    rows: list[Row] = []
+    openenv = OpenEnvServers(args.openenv_servers, max_sessions=max(args.sizes) + 8)
+    try:
+        await openenv.start()
+        for n in args.sizes:
+            rows += await compare_size(n, openenv, args.servers, args.seconds, args.warmup)
+    finally:
+        await openenv.stop()
+    info["loadavg_at_end"] = os.getloadavg()
+    errors = sum(1 if r.result is None else r.result.errors for r in rows)
+    note = target_note(rows)
+    report = {
+        "benchmark": "openenv_served_compare",
+        "env": TARGET,
+        "seconds_per_case": args.seconds,
+        "warmup": args.warmup,
+        "envserver_servers": args.servers,
+        "openenv_servers": args.openenv_servers,
+        "openenv_max_concurrent_envs": openenv.max_sessions,
+        "openenv_server_close_tracebacks": openenv.close_tracebacks,
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "started": started,
+        "machine": info,
+        "errors": errors,
+        "target": note,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    print(table(rows).replace("envfleet / OpenEnv", "envserver / OpenEnv"))
+    print(f"\n{note}")
+    print(f"machine: {info['cpus']} vCPU {info['cpu_model']}, load average {info['loadavg_at_start'][0]:.2f} -> "
+          f"{info['loadavg_at_end'][0]:.2f}; OpenEnv: {args.openenv_servers} uvicorn process(es), "
+          f"envserver: {args.servers} process(es); JSON: {args.out}")
+    return 1 if errors else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=sizes, default=[1, 64, 256], help="comma-separated session counts")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each case")
+    parser.add_argument("--servers", type=int, default=2, help="envserver processes serving the OpenEnv class")
+    parser.add_argument("--openenv-servers", type=int, default=2, help="OpenEnv uvicorn processes")
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    import uvloop
+
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    sys.exit(asyncio.run(main_async(args)))
+
+
+if __name__ == "__main__":
+    main()
