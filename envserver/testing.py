@@ -62,7 +62,7 @@ def check_environment(
 
     ``sample_action(observation)`` gives a valid raw (wire-form) action; by default the Action's
     defaults. ``bad_actions`` are extra raw actions that must be refused (e.g. illegal moves).
-    ``volatile`` names observation fields that may differ between equal runs (e.g. wall time).
+    ``volatile`` names observation (or info) fields that may differ between equal runs (e.g. wall time).
     """
     checker = _Checker(env_class, options, sample_action, list(bad_actions), seed, step_limit, frozenset(volatile))
     report = checker.run()
@@ -149,7 +149,7 @@ class _Checker:
         key = f"conformance-check-{id(self)}"
         envs.register(key, self.env_class)
         try:
-            app = create_app(ServerConfig(env=key, env_options=self.options, web=False))
+            app = create_app(ServerConfig(envs=(key,), env_options=self.options, web=False))
         except ServerError as exc:
             self.fail(f"a server cannot serve it: {exc.code}: {exc.message}")
             return
@@ -309,7 +309,8 @@ class _Checker:
     def strip(self, value: Any) -> Any:
         data = msgspec.to_builtins(value)
         if self.volatile:
-            for holder in (data, data.get("observation") if isinstance(data, dict) else None):
+            parts = (data.get("observation"), data.get("info")) if isinstance(data, dict) else ()
+            for holder in (data, *parts):
                 if isinstance(holder, dict):
                     for name in self.volatile:
                         holder.pop(name, None)
@@ -342,8 +343,8 @@ async def _asgi_calls(app: Any, calls: list[tuple[str, str, bytes]]) -> list[tup
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-            "headers": [(b"host", b"check"), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-            "client": ("127.0.0.1", 1), "server": ("check", 80),
+            "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
         }
         await asyncio.wait_for(app(scope, receive, send), 60)
         status = next(m["status"] for m in sent if m["type"] == "http.response.start")

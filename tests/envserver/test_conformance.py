@@ -21,7 +21,7 @@ CHECKS: dict[str, dict[str, Any]] = {
         "bad_actions": [{"action_id": 999}, {"action_id": -1}],
     },
     "echo": {"sample_action": lambda obs: {"message": "conformance"}, "step_limit": 20},
-    "python_sandbox": {"max_steps": 2, "task": "fizzbuzz", "sample_action": lambda obs: {"code": "x = 1"}, "volatile": ["wall_time"]},
+    "python_sandbox": {"max_steps": 2, "task": "fizzbuzz", "sample_action": lambda obs: {"code": "x = 1"}, "volatile": ["wall_time", "grading_seconds"]},
 }
 
 

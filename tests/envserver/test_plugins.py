@@ -113,7 +113,7 @@ async def test_a_module_path_is_served_and_a_client_cannot_name_another(plugins:
     assert (await mux.one("step", 1, {"add": 2}))["observation"]["total"] == 2
     for spec in ("json:dumps", "raises_on_import:Env", "openenv:tinyplug.env:CountEnv"):
         (reply,) = await mux.call(mux.req("open", 2, spec))
-        assert not reply.ok and reply.body["code"] == "NOT_FOUND", reply
+        assert not reply.ok and reply.body["code"] == "FORBIDDEN", reply
     assert (await mux.one("open", 3, "count"))["env"] == "count"  # registered names may be asked for
     assert "raises_on_import" not in server.stderr()
 
