@@ -82,7 +82,7 @@ envfleet_docker_setup() (
   step=$SECONDS
   say "building $image on $base"
   if [[ $base == envfleet-base:bookworm ]]; then base_arg=None; else base_arg="'$base'"; fi
-  "$python" -c "from rollout.image import build_image; build_image(base=$base_arg, tag='$image')" \
+  "$python" -c "from rollout.commands.image import build_image; build_image(base=$base_arg, tag='$image')" \
     | grep -v '^  ' || { echo "image build failed" >&2; exit 1; }
   say "image step took $((SECONDS - step)) s"
   say "docker setup done in $((SECONDS - started)) s"

@@ -42,7 +42,7 @@ trap 'rm -rf "$ROOTFS"' EXIT
 start=$SECONDS
 echo "debootstrap $SUITE from $MIRROR into $ROOTFS"
 # python3-venv brings ensurepip's bundled pip, enough to install the wheelhouse;
-# bubblewrap puts each Python sandbox in namespaces of its own (envserver/envs/sandbox_isolation.py).
+# bubblewrap puts each Python sandbox in namespaces of its own (envserver/envs/sandbox/isolation.py).
 debootstrap --variant=minbase --include=python3,python3-venv,bubblewrap \
   "$SUITE" "$ROOTFS" "$MIRROR" >"$ROOTFS.log" 2>&1 || {
     tail -20 "$ROOTFS.log" >&2; rm -f "$ROOTFS.log"; exit 1; }

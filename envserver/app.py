@@ -12,16 +12,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from . import openenv_http as http
+from .surfaces import openenv_http as http
 from .auth import LoopbackHostCheck, OriginCheck, TokenAuth, is_loopback
 from .config import ServerConfig
-from .metrics import metrics_endpoint
-from .mux import mux_endpoint
-from .openapi import openapi_document
-from .openenv_ws import ws_endpoint
+from .surfaces.metrics import metrics_endpoint
+from .surfaces.mux import mux_endpoint
+from .surfaces.openapi import openapi_document
+from .surfaces.openenv_ws import ws_endpoint
 from .protocol import ErrorCode
 from .server import EnvServer
-from .web.routes import web_routes
+from .surfaces.web.routes import web_routes
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -10,7 +10,7 @@ from .errors import ServerError
 from .protocol import ErrorCode, StepResult, convert, flat_tensors
 
 if TYPE_CHECKING:
-    from .columns import ColumnBatch, ColumnSpec
+    from .surfaces.columns import ColumnBatch, ColumnSpec
 
 A = TypeVar("A")
 O = TypeVar("O")
@@ -69,7 +69,7 @@ class Environment(abc.ABC, Generic[A, O, S]):
         """The observation as OpenEnv clients expect it (by default: tensors as flat lists)."""
         return flat_tensors(observation)
 
-    # -- columnar batches (``vstep``/``vreset`` on the mux); see envserver/columns.py
+    # -- columnar batches (``vstep``/``vreset`` on the mux); see envserver/surfaces/columns.py
 
     def column_spec(self) -> ColumnSpec | None:
         """The observation shape and discrete action count of this env's batch rows (None: learn the shape, no mask)."""

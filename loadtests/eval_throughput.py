@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from rollout import EnvPool, evaluate
-from rollout.eval import BUILTIN_POLICIES, outcome
+from rollout.commands.eval import BUILTIN_POLICIES, outcome
 from rollout.pool import EpisodeRecord
-from rollout.results import EpisodeLine, Header, ResultsFile
+from rollout.commands.results import EpisodeLine, Header, ResultsFile
 
 TARGET = 0.90
 _append_seconds = [0.0]

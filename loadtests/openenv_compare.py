@@ -9,7 +9,7 @@ usage: python loadtests/openenv_compare.py [--sizes 1,16,256] [--seconds 5] [--w
     subprocesses on 127.0.0.1, driven by OpenEnv's async ``GenericEnvClient``, one client
     (one WebSocket) per session, sessions spread round-robin over the servers.
 (b) envfleet: ``EnvPool`` over ``--servers`` local envserver processes, the per-env API
-    and (n >= 16) the batched API, measured by ``rollout.bench.measure``.
+    and (n >= 16) the batched API, measured by ``rollout.commands.bench.measure``.
 
 For each n the three are measured back to back, so they see the same machine load.
 Both sides step with a uniform random legal action and receive full observations.
@@ -33,7 +33,7 @@ import msgspec
 from openenv.core import GenericEnvClient
 
 from pool_throughput import CpuMeter, CpuUse, machine, run_size, sizes  # same directory; this file is run as a script
-from rollout.bench import BenchResult, StepCounter
+from rollout.commands.bench import BenchResult, StepCounter
 from rollout.fleet.health import wait_healthy
 
 HERE = Path(__file__).resolve().parent

@@ -6,7 +6,7 @@ usage: python loadtests/pool_throughput.py [--sizes 1,16,256,1024,4096] [--serve
 
 Each n gets a fresh ``EnvPool(n, env="openspiel", game="catch", servers=S)``; the per-env
 API (n coroutines each awaiting its own env's ``step``) is measured for every n and the
-batched API (``pool.step`` over each server's envs) for n >= 16, both by ``rollout.bench.measure``,
+batched API (``pool.step`` over each server's envs) for n >= 16, both by ``rollout.commands.bench.measure``,
 which counts full observations (legal actions, the catch tensor and the text rendering;
 ``--options '{"text": false}'`` measures tensor-only sessions). Each case also records
 the CPU seconds the client and the servers used, so results from a busy machine can be read
@@ -29,7 +29,7 @@ from typing import Any
 import msgspec
 
 from common import cpu_seconds  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
-from rollout.bench import BenchResult, measure
+from rollout.commands.bench import BenchResult, measure
 from rollout.pool import EnvPool
 
 OUT = Path(__file__).resolve().parent / "out" / "pool_throughput.json"

@@ -43,8 +43,8 @@ from typing import Any
 import aiohttp
 
 from common import proc_stat  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
-from envserver.envs.sandbox_isolation import descendants
-from envserver.envs.sandbox_tasks import TASKS
+from envserver.envs.sandbox.isolation import descendants
+from envserver.envs.sandbox.tasks import TASKS
 from envserver.protocol import Close, Open, Reply, Reset, Step, msgpack_decoder, msgpack_encoder
 from rollout.telemetry import percentile
 

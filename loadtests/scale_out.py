@@ -9,7 +9,7 @@ For each backend, one ``EnvPool(n, game="catch", backend=B, servers=K)``:
 - **healthy_s**: the fleet's ``start()`` until all K servers answer /health (the swarm: service
   create until K tasks are healthy; docker: K containers created, 8 at a time);
 - **sessions_s**: then connecting to every server and opening the n sessions;
-- steps/s of the per-env and the batched API over all n (``rollout.bench.measure``), with the
+- steps/s of the per-env and the batched API over all n (``rollout.commands.bench.measure``), with the
   CPU seconds the client and all K servers used meanwhile;
 - memory per replica (cgroup usage and RSS) after the measurement, n/K sessions each;
 - **remove_s**: ``pool.close()`` until every container is gone.
@@ -41,7 +41,7 @@ from fleet_startup import (  # loadtests/ is on sys.path when run as a script
 )
 
 import rollout.pool as pool_module
-from rollout.bench import measure
+from rollout.commands.bench import measure
 from rollout.fleet import make_backend
 from rollout.fleet.docker import LABEL_POOL
 from rollout.pool import EnvPool

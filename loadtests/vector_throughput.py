@@ -238,7 +238,7 @@ async def vector_case(pool_kwargs: dict[str, Any], n: int, seconds: float, warmu
 
 
 async def per_env_case(n: int, seconds: float, warmup: float, servers: int) -> Case:
-    from rollout.bench import measure
+    from rollout.commands.bench import measure
     from rollout.pool import EnvPool
 
     async with EnvPool(n=n, game="catch", servers=servers) as pool:

@@ -20,9 +20,9 @@ from .errors import (
     UnencodableAction,
     UnknownSession,
 )
-from .eval import evaluate
+from .commands.eval import evaluate
 from .pool import EnvPool, Env, EpisodeRecord, PoolConfig, episode_seed
-from .summary import EvalSummary
+from .commands.summary import EvalSummary
 
 __version__ = "0.1.0"
 

@@ -165,7 +165,7 @@ async def _fleet_reap(args: argparse.Namespace) -> int:
 
 
 async def _env_new(args: argparse.Namespace) -> int:
-    from .scaffold import new_environment
+    from .commands.scaffold import new_environment
 
     for path in new_environment(args.name, args.dir):
         print(f"rollout: wrote {path}", file=sys.stderr)
@@ -173,14 +173,14 @@ async def _env_new(args: argparse.Namespace) -> int:
 
 
 async def _image_build(args: argparse.Namespace) -> int:
-    from .image import build_image
+    from .commands.image import build_image
 
     await asyncio.to_thread(build_image, args.base, args.tag, lambda line: print(line, flush=True), args.with_packages)
     return EXIT_OK
 
 
 async def _k8s_manifest(args: argparse.Namespace) -> int:
-    from .k8s import K8sOptions, manifests, render, write
+    from .commands.k8s import K8sOptions, manifests, render, write
 
     options = dict(args.options)
     if args.env == "openspiel":
@@ -198,7 +198,7 @@ async def _k8s_manifest(args: argparse.Namespace) -> int:
 
 
 def _emit_summary(summary: Any, json_path: str | None) -> None:
-    from .summary import format_summary, to_json
+    from .commands.summary import format_summary, to_json
 
     if json_path == "-":
         print(to_json(summary))
@@ -218,8 +218,8 @@ def _allow_local_modules() -> None:
 
 
 async def _eval(args: argparse.Namespace) -> int:
-    from .dashboard import maybe_dashboard
-    from .eval import evaluate
+    from .commands.dashboard import maybe_dashboard
+    from .commands.eval import evaluate
 
     _allow_local_modules()
     async with maybe_dashboard(args.dashboard, "eval") as telemetry:
@@ -232,7 +232,7 @@ async def _eval(args: argparse.Namespace) -> int:
 
 
 async def _report(args: argparse.Namespace) -> int:
-    from .report import plot, report
+    from .commands.report import plot, report
 
     summary, contents = report(args.file)
     if contents.dropped:
@@ -246,13 +246,13 @@ async def _report(args: argparse.Namespace) -> int:
 
 
 async def _bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench, table
-    from .dashboard import maybe_dashboard
+    from .commands.bench import run_bench, table
+    from .commands.dashboard import maybe_dashboard
 
     modes = {"both": ["per-env", "batched"], "all": ["per-env", "batched", "vector"]}.get(args.mode, [args.mode])
     policy = None
     if args.policy:
-        from .eval import load_policy
+        from .commands.eval import load_policy
 
         _allow_local_modules()
         policy = load_policy(args.policy)[1](0)

@@ -1,6 +1,6 @@
 """``Telemetry``: what a running command (bench, eval) tells the dashboard about itself.
 
-The command updates it; ``rollout.dashboard`` reads it about once a second. Nothing here
+The command updates it; ``rollout.commands.dashboard`` reads it about once a second. Nothing here
 does I/O or takes time on the hot path: bench hands over the counter it already keeps
 (``watch``), eval reports each finished episode (``episode``).
 

@@ -17,7 +17,7 @@ import gymnasium
 import msgspec
 import numpy as np
 
-from ..columns import ColumnBatch, ColumnSpec
+from ..surfaces.columns import ColumnBatch, ColumnSpec
 from ..env import Environment
 from ..errors import ServerError
 from ..protocol import ErrorCode, StepResult, Tensor

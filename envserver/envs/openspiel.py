@@ -17,7 +17,7 @@ from typing import Any, Callable
 import msgspec
 import pyspiel
 
-from ..columns import ColumnBatch, ColumnSpec
+from ..surfaces.columns import ColumnBatch, ColumnSpec
 from ..env import Environment
 from ..errors import ServerError
 from ..protocol import ErrorCode, StepResult, Tensor

@@ -8,7 +8,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from envserver.columns import ColumnBatch, VectorSessions
+from envserver.surfaces.columns import ColumnBatch, VectorSessions
 from envserver.env import Environment
 from envserver.envs.openspiel import OpenSpielEnv
 from envserver.errors import ServerError

@@ -105,7 +105,7 @@ async def test_a_server_serves_each_env_it_names_and_no_other(two_env_server, ht
     mux = await mux_connect(two_env_server)
     assert (await mux.one("open", 1))["env"] == "openspiel"  # the first is the default
     assert (await mux.one("open", 2, "echo"))["env"] == "echo"
-    for env in ("python_sandbox", "no_such_env", "envserver.envs.python_sandbox:PythonSandboxEnv"):
+    for env in ("python_sandbox", "no_such_env", "envserver.envs.sandbox.env:PythonSandboxEnv"):
         (reply,) = await mux.call(mux.req("open", 3, env))
         assert reply.body["code"] == ErrorCode.FORBIDDEN and "serves openspiel, echo" in reply.body["message"], env
     async with http.ws_connect(two_env_server.ws_url + "/ws?env=echo") as ws:

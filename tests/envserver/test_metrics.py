@@ -7,7 +7,7 @@ import re
 
 import aiohttp
 
-from envserver.metrics import CONTENT_TYPE, Histogram
+from envserver.surfaces.metrics import CONTENT_TYPE, Histogram
 
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')
 

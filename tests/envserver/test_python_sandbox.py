@@ -20,12 +20,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from envserver.envs.python_sandbox import PythonSandboxEnv
-from envserver.envs.sandbox_isolation import descendants, detect
-from envserver.envs.sandbox_tasks import TASKS
-from envserver.envs.sandbox_worker import proc_stat
+from envserver.envs.sandbox.env import PythonSandboxEnv
+from envserver.envs.sandbox.isolation import descendants, detect
+from envserver.envs.sandbox.tasks import TASKS
+from envserver.envs.sandbox.worker import proc_stat
 from envserver.errors import ServerError
-from envserver.envs.python_sandbox_types import PythonAction, PythonObservation
+from envserver.envs.sandbox.types import PythonAction, PythonObservation
 from envserver.protocol import ErrorCode
 from tests.conftest import skip_or_fail
 

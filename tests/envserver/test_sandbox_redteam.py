@@ -21,12 +21,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-import envserver.envs.sandbox_tasks
-from envserver.envs.python_sandbox import PythonSandboxEnv
-from envserver.envs.sandbox_isolation import descendants, detect
-from envserver.envs.sandbox_tasks import TASKS
-from envserver.envs.sandbox_worker import proc_stat
-from envserver.envs.python_sandbox_types import PythonAction
+import envserver.envs.sandbox.tasks
+from envserver.envs.sandbox.env import PythonSandboxEnv
+from envserver.envs.sandbox.isolation import descendants, detect
+from envserver.envs.sandbox.tasks import TASKS
+from envserver.envs.sandbox.worker import proc_stat
+from envserver.envs.sandbox.types import PythonAction
 from tests.conftest import skip_or_fail
 
 ALWAYS_EQUAL = """
@@ -215,11 +215,11 @@ def test_gc_to_patch_the_grader(attempt: Attempt) -> None:
 
 def test_importing_the_tasks_module(namespaced: Attempt) -> None:
     attempt = namespaced
-    path = envserver.envs.sandbox_tasks.__file__
+    path = envserver.envs.sandbox.tasks.__file__
     code = (
         "def fizzbuzz(n):\n"
         "    try:\n"
-        "        import envserver.envs.sandbox_tasks as tasks\n"
+        "        import envserver.envs.sandbox.tasks as tasks\n"
         "        source = tasks.TASKS['fizzbuzz'].solution\n"
         "    except ImportError:\n"
         f"        source = open({path!r}).read()  # or straight from the file\n"
@@ -229,7 +229,7 @@ def test_importing_the_tasks_module(namespaced: Attempt) -> None:
     )
     attempt.hack(code)
     attempt.env.reset()
-    notebook = attempt.env.step(PythonAction(f"import os\nprint(os.path.exists({path!r}))\nimport envserver.envs.sandbox_tasks"))
+    notebook = attempt.env.step(PythonAction(f"import os\nprint(os.path.exists({path!r}))\nimport envserver.envs.sandbox.tasks"))
     assert notebook.observation.stdout == "False\n" and notebook.observation.exception_type == "ModuleNotFoundError"
 
 

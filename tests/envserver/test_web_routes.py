@@ -16,7 +16,7 @@ async def test_page_and_static_files(catch_server, http) -> None:
         async with http.get(f"{catch_server.url}/web/static/{name}") as response:
             assert response.status == 200
             assert response.headers["content-type"].startswith(kind)
-            assert await response.text() == (files("envserver.web") / "static" / name).read_text()
+            assert await response.text() == (files("envserver.surfaces.web") / "static" / name).read_text()
     async with http.get(f"{catch_server.url}/web/static/nothing.js") as response:
         assert response.status == 404
 

@@ -42,7 +42,7 @@ def test_exported_members() -> None:
 
 def test_importing_rollout_does_not_import_the_server() -> None:
     code = (
-        "import sys, rollout, rollout.cli, rollout.bench, rollout.eval, rollout.report;"
+        "import sys, rollout, rollout.cli, rollout.commands.bench, rollout.commands.eval, rollout.commands.report;"
         "bad = [m for m in sys.modules if m.split('.')[0] in ('starlette', 'hypercorn', 'pyspiel', 'open_spiel', 'numpy')"
         " or (m.startswith('envserver') and m not in ('envserver', 'envserver.protocol'))];"
         "print(bad); sys.exit(1 if bad else 0)"

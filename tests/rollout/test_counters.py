@@ -10,7 +10,7 @@ import signal
 import pytest
 
 from rollout import EnvCrashed, EnvPool
-from rollout.bench import measure
+from rollout.commands.bench import measure
 from rollout.telemetry import LatencyHistogram, Telemetry, percentile
 
 

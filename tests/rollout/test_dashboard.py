@@ -20,10 +20,10 @@ import aiohttp
 import pytest
 
 from rollout import EnvPool
-from rollout.bench import run_bench
+from rollout.commands.bench import run_bench
 from rollout.cli import DASHBOARD_PORT, build_parser
-from rollout.dashboard import Dashboard, parse_metrics
-from rollout.eval import evaluate
+from rollout.commands.dashboard import Dashboard, parse_metrics
+from rollout.commands.eval import evaluate
 from rollout.fleet.local import LocalFleet
 from rollout.pool import EpisodeRecord
 from rollout.telemetry import Telemetry

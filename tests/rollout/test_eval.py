@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 
 from rollout import EvalError, PolicyFailed, episode_seed, evaluate
-from rollout.eval import Progress
-from rollout.results import EpisodeLine, Header, ResultsFile, parse, read
-from rollout.summary import Z95, summarize
+from rollout.commands.eval import Progress
+from rollout.commands.results import EpisodeLine, Header, ResultsFile, parse, read
+from rollout.commands.summary import Z95, summarize
 
 POLICIES = '''
 import asyncio

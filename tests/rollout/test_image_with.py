@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from rollout import EnvPool, FleetError
-from rollout.image import build_image
+from rollout.commands.image import build_image
 from tests.conftest import skip_or_fail
 
 from .docker_support import docker_unavailable

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from rollout import EnvPool
-from rollout.k8s import TOKEN_DIR, TOKEN_FILE, K8sOptions, files, manifests, render
+from rollout.commands.k8s import TOKEN_DIR, TOKEN_FILE, K8sOptions, files, manifests, render
 from tests.conftest import ServerProcess, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from rollout import CapacityReached, EnvCrashed, EnvPool, EpisodeRecord, FleetError, InvalidAction, PoolClosed, episode_seed
-from rollout.bench import batches
+from rollout.commands.bench import batches
 from rollout.pool import PoolState
 
 

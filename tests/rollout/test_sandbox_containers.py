@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 import pytest
 
-from envserver.envs.sandbox_tasks import TASKS
+from envserver.envs.sandbox.tasks import TASKS
 from rollout.config import FleetConfig
 from rollout.fleet.docker import LABEL_POOL, DockerFleet
 from rollout.fleet.sandbox_security import profile, profile_json, sandbox_host_config, swarm_session_args
@@ -96,7 +96,7 @@ async def test_sandboxes_in_a_docker_container_are_namespaced_and_grade_honestly
             assert seen["observation"]["stdout"] == "[] True\n"  # not A's file; the image's Python is there (read-only)
             hack = (
                 "def fizzbuzz(n):\n"
-                "    import envserver.envs.sandbox_tasks as t\n"
+                "    import envserver.envs.sandbox.tasks as t\n"
                 "    space = {}\n"
                 "    exec(t.TASKS['fizzbuzz'].solution, space)\n"
                 "    return space['fizzbuzz'](n)\n"

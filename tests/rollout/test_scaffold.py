@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from rollout.scaffold import ScaffoldError, new_environment
+from rollout.commands.scaffold import ScaffoldError, new_environment
 
 ROLLOUT = Path(sys.executable).parent / "rollout"
 

@@ -222,7 +222,7 @@ async def test_evaluate_plays_a_vectorized_policy_through_the_vector_path(tmp_pa
 
 
 async def test_bench_vector_mode_counts_steps_and_episodes() -> None:
-    from rollout.bench import measure
+    from rollout.commands.bench import measure
 
     async with EnvPool(n=16, game="catch", servers=1) as pool:
         result = await measure(pool, "vector", 0.5, warmup=0.1)

@@ -1,7 +1,7 @@
 """The grading process's side of the Python sandbox grader, and the value encoding both sides share.
 
 Trust boundary: this file runs twice. Its source is passed to a fresh, isolated process
-(``python -I -S -c``; see ``sandbox_grader.py``) that replays the agent's cells, calls the
+(``python -I -S -c``; see ``grader.py``) that replays the agent's cells, calls the
 agent's function on each hidden input and writes each result, encoded, to a private pipe.
 The server imports the same file for ``encode_value``/``canonical`` to encode the expected
 results it computed itself, and compares encodings byte for byte. Nothing here ever

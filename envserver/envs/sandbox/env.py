@@ -1,19 +1,19 @@
 """The Python sandbox: an agent sends code, a persistent interpreter runs it, the observation says what happened.
 
-Each session owns one interpreter in a child process (``sandbox_interpreter.py``), so
+Each session owns one interpreter in a child process (``interpreter.py``), so
 variables survive between steps like notebook cells; ``reset`` replaces it. Limits per
 step (wall clock, output size) and per interpreter (CPU seconds, memory, file size,
 processes) are reported in the observation: a timeout, crash or CPU exhaustion costs the
 interpreter (``state_lost``), never the session or the server.
 
-Isolation (``sandbox_isolation.py``): where bubblewrap and user namespaces are available
+Isolation (``isolation.py``): where bubblewrap and user namespaces are available
 every interpreter and every grading process runs in namespaces of its own (private tmpfs,
 no network, its own pids, no view of the server's files); otherwise, or with the
 operator option ``isolation="process"``, as a plain child process, and a warning is
 logged. ``reset``'s info says which (``info["isolation"]``).
 
 Task mode: ``reset(options={"task": name})`` (or ``"random"``, picked by the seed) loads
-one of ``sandbox_tasks.TASKS``. After each step the grader (``sandbox_grader.py``) replays
+one of ``tasks.TASKS``. After each step the grader (``grader.py``) replays
 the cells of the current interpreter (those that finished; a lost interpreter's cells are
 gone with it) in a fresh grading process, calls the agent's function on the hidden inputs
 there and compares the results with the reference solution's on the server. The reward
@@ -33,16 +33,16 @@ from typing import Any
 
 import msgspec
 
-from ..env import Environment
-from ..errors import ServerError
-from ..executor import run_blocking
-from ..protocol import ErrorCode, StepResult
-from .python_sandbox_types import PythonAction, PythonObservation, PythonState
-from .sandbox_grader import Grade, grade
-from .sandbox_grading_process import GradingLimits, GradingProcess
-from .sandbox_interpreter import Interpreter, Outcome, SandboxLimits, StartError
-from .sandbox_isolation import POLICIES, Isolation, detect
-from .sandbox_tasks import TASKS, Task
+from ...env import Environment
+from ...errors import ServerError
+from ...executor import run_blocking
+from ...protocol import ErrorCode, StepResult
+from .types import PythonAction, PythonObservation, PythonState
+from .grader import Grade, grade
+from .grading_process import GradingLimits, GradingProcess
+from .interpreter import Interpreter, Outcome, SandboxLimits, StartError
+from .isolation import POLICIES, Isolation, detect
+from .tasks import TASKS, Task
 
 _cleanups: set[asyncio.Task[None]] = set()
 

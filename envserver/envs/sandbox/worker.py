@@ -1,7 +1,7 @@
 """The child side of the Python sandbox: one persistent interpreter driven over two pipes.
 
-The parent (``sandbox_interpreter.py``) runs this file's source with ``python -s -c`` in
-a fresh sandbox (``sandbox_isolation.py``: its own namespaces when the kernel allows), in its own session, with the user's stdout/stderr on pipes the parent
+The parent (``interpreter.py``) runs this file's source with ``python -s -c`` in
+a fresh sandbox (``isolation.py``: its own namespaces when the kernel allows), in its own session, with the user's stdout/stderr on pipes the parent
 reads and a separate pair of control pipes for length-prefixed msgpack frames. Only
 the standard library and msgspec are imported here, before the limits are applied.
 
@@ -18,9 +18,9 @@ What this side enforces (the parent enforces the wall clock and kills):
   step that did it.
 
 The audit hook is a guard against runaway code, not a security boundary: isolation
-from the host and from other sessions is the namespaces' job (``sandbox_isolation.py``),
+from the host and from other sessions is the namespaces' job (``isolation.py``),
 or the container's. This interpreter never grades: its namespace is the agent's, so the
-hidden tests run elsewhere (``sandbox_grader.py``).
+hidden tests run elsewhere (``grader.py``).
 """
 
 from __future__ import annotations

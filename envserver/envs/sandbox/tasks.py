@@ -5,7 +5,7 @@ A hidden test is a call: ``Call(args)`` calls the agent's function ``entry(*args
 ``(method, args)`` in turn, the test's result being the list of what they returned. The
 expected results are never written here: the grader computes them on the server by
 running ``solution`` (trusted code) on the same inputs, and compares the agent's results
-with them exactly (``sandbox_grader.py``). Where several answers are right, ``checker``
+with them exactly (``grader.py``). Where several answers are right, ``checker``
 decides on the server, from the inputs, the expected result and the agent's result.
 
 This module stays on the server: in namespace isolation the sandbox cannot see the

@@ -1,6 +1,6 @@
 """The parent side of the Python sandbox: start, drive, time out and kill one interpreter process.
 
-The interpreter is started in a sandbox of its own (``sandbox_isolation.spawn``): in
+The interpreter is started in a sandbox of its own (``isolation.spawn``): in
 namespace mode a private tmpfs, pid and network namespace, so sessions cannot see each
 other. Every call blocks (the environment is ``blocking = True``, so it runs in a worker thread)
 but never past its deadline: the parent polls the control and output pipes with the
@@ -28,12 +28,12 @@ from typing import Any
 
 import msgspec
 
-from .sandbox_isolation import Isolation, exit_status, kill_tree, spawn
-from .sandbox_worker import BOOTSTRAP, HEADER, MAX_MESSAGE, Exec, ExecDone, Hello, Reply, frame, write_all
+from .isolation import Isolation, exit_status, kill_tree, spawn
+from .worker import BOOTSTRAP, HEADER, MAX_MESSAGE, Exec, ExecDone, Hello, Reply, frame, write_all
 
 log = logging.getLogger("envserver.sandbox")
 
-WORKER_SOURCE = Path(__file__).with_name("sandbox_worker.py").read_text()
+WORKER_SOURCE = Path(__file__).with_name("worker.py").read_text()
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _F_SETPIPE_SZ = 1031
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .errors import EnvError
-from .policies import random_legal
-from .pool import EnvPool
-from .telemetry import Counts
+from ..errors import EnvError
+from ..policies import random_legal
+from ..pool import EnvPool
+from ..telemetry import Counts
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from ..telemetry import Telemetry
 
 
 class BenchResult(msgspec.Struct):

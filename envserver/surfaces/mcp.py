@@ -5,9 +5,9 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from .errors import ServerError
-from .server import EnvServer, coded
-from .sessions import Session
+from ..errors import ServerError
+from ..server import EnvServer, coded
+from ..sessions import Session
 
 INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601

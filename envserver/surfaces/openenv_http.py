@@ -16,11 +16,11 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import __version__, envs
-from .errors import ServerError
+from .. import __version__, envs
+from ..errors import ServerError
 from .mcp import handle_jsonrpc
 from .openenv_ws import openenv_result
-from .protocol import (
+from ..protocol import (
     ErrorCode,
     HealthStatus,
     HttpResetRequest,
@@ -29,8 +29,8 @@ from .protocol import (
     json_encoder,
     json_schema,
 )
-from .server import EnvServer, coded
-from .sessions import Session
+from ..server import EnvServer, coded
+from ..sessions import Session
 
 SESSION_HEADER = "x-session-id"
 

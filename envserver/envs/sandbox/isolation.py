@@ -45,7 +45,7 @@ from pathlib import Path
 
 import msgspec
 
-from .sandbox_worker import proc_stat
+from .worker import proc_stat
 
 log = logging.getLogger("envserver.sandbox")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import __version__
-from .env import Environment
-from .protocol import HttpResetRequest, HttpStepRequest, Metadata, OpenEnvResult, json_schemas
+from .. import __version__
+from ..env import Environment
+from ..protocol import HttpResetRequest, HttpStepRequest, Metadata, OpenEnvResult, json_schemas
 
 
 def openapi_document(env_class: type[Environment]) -> dict[str, Any]:  # type: ignore[type-arg]

@@ -15,12 +15,12 @@ from typing import Any
 
 import msgspec
 
-from .errors import ServerError
-from .protocol import Columns, ErrorCode, ErrorInfo, StepResult, Tensor, VecReset, VecStep, episode_seed
-from .server import coded
-from .sessions import Session
+from ..errors import ServerError
+from ..protocol import Columns, ErrorCode, ErrorInfo, StepResult, Tensor, VecReset, VecStep, episode_seed
+from ..server import coded
+from ..sessions import Session
 
-log = logging.getLogger("envserver.columns")
+log = logging.getLogger("envserver.surfaces.columns")
 
 
 class ColumnSpec(msgspec.Struct, frozen=True, gc=False):

@@ -8,7 +8,7 @@ custom ones are ``policy(observation) -> action``, sync or async, as for ``EnvPo
 ``policy(obs_batch, mask_batch) -> actions`` marked with ``rollout.vector.vectorized``, which play
 through ``VectorPool`` (numpy arrays, one columnar request per server per step).
 Re-running with the same ``out`` appends only the episodes not recorded yet (see
-``rollout.results`` for the file and how a killed job's last line is repaired).
+``rollout.commands.results`` for the file and how a killed job's last line is repaired).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from .errors import EnvError, EvalError, InvalidAction, PolicyFailed, UnencodableAction
-from .policies import first_legal, random_legal
-from .pool import EnvPool, EpisodeRecord
+from ..errors import EnvError, EvalError, InvalidAction, PolicyFailed, UnencodableAction
+from ..policies import first_legal, random_legal
+from ..pool import EnvPool, EpisodeRecord
 from .results import EpisodeLine, Header, Outcome, ResultsFile
 from .summary import EvalSummary, summarize
 
 if TYPE_CHECKING:
-    from .telemetry import Telemetry
+    from ..telemetry import Telemetry
 
 PolicyFactory = Callable[[int], Callable[[Any], Any]]  # episode seed -> observation -> action
 
@@ -167,7 +167,7 @@ async def evaluate(
     ``pool_kwargs`` go to ``EnvPool`` (endpoints, image, token, max_sessions, ...). Raises
     ``EvalError`` when ``out`` belongs to another job, and ``PolicyFailed`` (naming the
     episode) when the policy raises or picks an illegal action; the file stays valid.
-    ``telemetry`` (see ``rollout.dashboard``) is told the pool and every finished episode.
+    ``telemetry`` (see ``rollout.commands.dashboard``) is told the pool and every finished episode.
     """
     if episodes < 0:
         raise ValueError("episodes must be >= 0")
@@ -247,7 +247,7 @@ def _records(pool: EnvPool, factory: PolicyFactory, episodes: int, seed: int, sk
     """The pool's episode records: through ``VectorPool`` when the policy is batched (``rollout.vector.vectorized``)."""
     policy = factory(seed)
     if getattr(policy, "vectorized", False):
-        from .vector import play_episodes
+        from ..vector import play_episodes
 
         return play_episodes(pool.vector("disabled"), policy, episodes, seed, skip=skip)
     return pool.run(factory, episodes, seed, skip=skip, per_episode=True)

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import msgspec
 
-from .errors import EvalError
+from ..errors import EvalError
 
 try:
     import fcntl

@@ -1,6 +1,6 @@
 """One grading process: a fresh sandbox running the harness, started ahead of need, used for one job, then killed.
 
-The process is spawned (``sandbox_isolation.spawn``) while the agent thinks, so the
+The process is spawned (``isolation.spawn``) while the agent thinks, so the
 sandbox and interpreter start-up are off the step's path: it imports the harness's
 modules, applies its limits and blocks on its ``go`` pipe. Nothing of the agent's has
 run in it yet, so it is as fresh as one started on demand. ``run`` writes the job into
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import msgspec
 
-from .sandbox_harness import HEADER, MAX_RESULT
-from .sandbox_isolation import Isolation, exit_status, kill_tree, site_dirs, spawn
+from .harness import HEADER, MAX_RESULT
+from .isolation import Isolation, exit_status, kill_tree, site_dirs, spawn
 
-HARNESS_SOURCE = Path(__file__).with_name("sandbox_harness.py").read_text()
+HARNESS_SOURCE = Path(__file__).with_name("harness.py").read_text()
 BOOTSTRAP = "import sys; exec(compile(sys.argv[1], '<grader>', 'exec'))"
 STATUSES = frozenset({"value", "raised", "timeout", "abort", "missing", "unencodable"})
 GRACE = 5.0  # seconds for a slow start, on top of the replay and test budgets

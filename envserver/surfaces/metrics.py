@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import __version__
-from .server import EnvServer
+from .. import __version__
+from ..server import EnvServer
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -6,7 +6,7 @@ import math
 import os
 from collections.abc import Sequence
 
-from .errors import EvalError
+from ..errors import EvalError
 from .results import Contents, EpisodeLine, read
 from .summary import Z95, EvalSummary, span_throughput, summarize
 

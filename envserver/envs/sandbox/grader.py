@@ -1,8 +1,8 @@
 """The server side of the Python sandbox's grader: expected results, one grading process per step, strict comparison.
 
 Trust boundary. The agent's code never judges itself. After each step, a fresh process
-(``python -I -S``, in a fresh sandbox of its own: ``sandbox_grading_process.py``) runs the harness
-(``sandbox_harness.py``): it replays the agent's cells, calls the agent's function on each
+(``python -I -S``, in a fresh sandbox of its own: ``grading_process.py``) runs the harness
+(``harness.py``): it replays the agent's cells, calls the agent's function on each
 hidden input and writes each result as tagged plain data to a private pipe. Here, on the
 server, the reference solution (trusted) has computed the expected results once, encoded
 by the same encoder; a test passes only when the grading process reported, for that
@@ -34,9 +34,9 @@ from typing import Any
 
 import msgspec
 
-from .sandbox_grading_process import GradingProcess
-from .sandbox_harness import canonical, decode_value, encode_value
-from .sandbox_tasks import Calls, Task, Test
+from .grading_process import GradingProcess
+from .harness import canonical, decode_value, encode_value
+from .tasks import Calls, Task, Test
 
 FATAL = frozenset({"timeout", "abort"})  # the test ended the grading instead of answering
 

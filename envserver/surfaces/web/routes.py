@@ -18,11 +18,11 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
-from ..errors import ServerError
+from ...errors import ServerError
 from ..openenv_http import error_response, json_response
 from ..openenv_ws import ws_endpoint
-from ..protocol import ErrorCode
-from ..server import EnvServer
+from ...protocol import ErrorCode
+from ...server import EnvServer
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = ("/web/static/play.css", "/web/static/play.js")
@@ -47,7 +47,7 @@ async def games(request: Request) -> Response:
         return error_response(
             ServerError(ErrorCode.NOT_FOUND, f"this server serves {server.config.env!r}; the play page needs openspiel")
         )
-    from ..envs.openspiel import OPPONENTS, GameConfig
+    from ...envs.openspiel import OPPONENTS, GameConfig
 
     defaults = GameConfig(**{k: v for k, v in server.config.env_options.items() if k in GameConfig.__struct_fields__})
     return json_response(

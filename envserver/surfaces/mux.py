@@ -20,9 +20,9 @@ import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .columns import VectorSessions
-from .errors import ServerError
+from ..errors import ServerError
 from .metrics import mux_latency
-from .protocol import (
+from ..protocol import (
     OPS,
     Batch,
     Close,
@@ -43,10 +43,10 @@ from .protocol import (
     msgpack_encoder,
     mux_request_decoder,
 )
-from .server import EnvServer, coded
-from .sessions import Session
+from ..server import EnvServer, coded
+from ..sessions import Session
 
-log = logging.getLogger("envserver.mux")
+log = logging.getLogger("envserver.surfaces.mux")
 
 _MANY = (StepMany, ResetMany, VecStep, VecReset)
 
@@ -286,7 +286,7 @@ class MuxConnection:
         return False
 
     def _columns(self, request: VecStep | VecReset) -> None:
-        """Answer a columnar batch with one reply of packed arrays (envserver/columns.py)."""
+        """Answer a columnar batch with one reply of packed arrays (envserver/surfaces/columns.py)."""
         columns = self._vector.handle(request)
         stats = self.server.stats
         if type(request) is VecStep:

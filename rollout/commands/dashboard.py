@@ -25,8 +25,8 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from .client import ClientState
-from .telemetry import LatencyHistogram, Telemetry
+from ..client import ClientState
+from ..telemetry import LatencyHistogram, Telemetry
 
 STATIC = Path(__file__).parent / "dashboard_static"
 HISTORY_POINTS = 600  # samples kept for the chart (10 minutes at one per second)
