@@ -108,10 +108,7 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
             _find_task(self.config.task, None)
         if self.config.isolation not in POLICIES:
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"isolation must be one of {', '.join(POLICIES)}")
-        try:
-            self.isolation: Isolation = detect(self.config.isolation)
-        except RuntimeError as exc:
-            raise ServerError(ErrorCode.EXECUTION_ERROR, str(exc)) from None
+        self.isolation = Isolation("process", "not yet probed")  # set by the first reset, off the event loop
         self._limits = self.config.limits()
         self._cells: list[str] = []  # the steps the current interpreter finished, for the grader to replay
         self._spare: GradingProcess | None = None  # started ahead, for the next step's grading
@@ -139,6 +136,10 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         if max_steps < 1:
             raise ServerError(ErrorCode.VALIDATION_ERROR, "max_steps must be at least 1")
         self._discard_interpreter()
+        try:
+            self.isolation = detect(self.config.isolation)  # probes bubblewrap once per process
+        except RuntimeError as exc:
+            raise ServerError(ErrorCode.EXECUTION_ERROR, str(exc)) from None
         self._seed = seed
         self._start_interpreter()
         self._episode_id = str(uuid.uuid4())
