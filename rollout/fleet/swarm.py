@@ -240,13 +240,10 @@ class SwarmFleet(FleetBackend):
     def _task_template(self, image: str) -> dict[str, Any]:
         cfg = self.config
         memory = parse_memory(cfg.memory)
-        return {
+        template: dict[str, Any] = {
             "ContainerSpec": {
                 "Image": image,
-                "Command": [
-                    "envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), *cfg.server_args(),
-                    *swarm_session_args(cfg.env, cfg.max_sessions),  # no namespaces here: a container per session
-                ],  # fmt: skip
+                "Command": ["envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), *cfg.server_args()],
                 "Env": {"ENVSERVER_TOKEN": self.token},  # aiodocker turns the mapping into KEY=value items
                 "User": "65534:65534",
                 "ReadOnly": True,
@@ -259,6 +256,9 @@ class SwarmFleet(FleetBackend):
             "RestartPolicy": {"Condition": "any", "Delay": _RESTART_DELAY_NS},
             "LogDriver": {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "1"}},
         }
+        # No namespaces for sandboxes in a swarm container: one session per container (rollout/fleet/sandbox_security.py).
+        template["ContainerSpec"]["Command"] += swarm_session_args(cfg.env, cfg.max_sessions)
+        return template
 
     async def _create_service(self, image: str, replicas: int) -> None:
         assert self._docker is not None
