@@ -15,8 +15,10 @@ logged. ``reset``'s info says which (``info["isolation"]``).
 Task mode: ``reset(options={"task": name})`` (or ``"random"``, picked by the seed) loads
 one of ``sandbox_tasks.TASKS``. After each step the grader (``sandbox_grader.py``) replays
 the cells of the current interpreter (those that finished; a lost interpreter's cells are
-gone with it) in a fresh grading process, calls the agent's function on the hidden inputs
-there and compares the results with the reference solution's on the server. The reward
+gone with it) in a fresh grading process (``sandbox_grading_process.py``, started while
+the agent thinks and used once), calls the agent's function on the hidden inputs there
+and compares the results with the reference solution's on the server; the step's
+``info["grading_seconds"]`` says how long that took. The reward
 is the fraction of tests passing when every test reported, else 0; the episode
 terminates when all pass and is truncated after ``max_steps`` steps. Without a task the
 reward is 0 and the episode only ends on reset or close.
