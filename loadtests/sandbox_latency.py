@@ -13,6 +13,10 @@ over ``WS /v1/mux`` from this process:
   bubblewrap works) and with ``isolation="process"``; each with the step sent right after
   the reset, and after ``--think-ms`` (the time an agent takes to answer, during which
   the next grading process starts);
+* container (``--parts container``): the same grading loop (200 ms pause) run in process
+  inside a container of ``--image`` hardened like the docker backend's (uid 65534,
+  read-only root, no capabilities, no network) with ``deploy/seccomp-sandbox.json`` and
+  unmasked ``/proc``, in both isolation modes;
 * capacity: opens and resets sandboxes in batches of 16 until one is refused, a reset
   takes over 30 s, ``--max-sandboxes`` is reached or the machine's available memory drops
   under ``--min-free-gb``; then one ``print(1)`` on every sandbox, close all, and check
@@ -204,6 +208,57 @@ async def grading(http: aiohttp.ClientSession, rounds: int, isolation: str, thin
     }
 
 
+IN_CONTAINER = """
+import json, time
+from envserver.envs.sandbox.env import PythonSandboxEnv
+from envserver.envs.sandbox.tasks import TASKS
+from envserver.protocol import PythonAction
+rows = []
+for isolation in ("auto", "process"):
+    env = PythonSandboxEnv(timeout=10.0, isolation=isolation)
+    steps, grades, resets = [], [], []
+    for _ in range(ROUNDS):
+        for name, task in TASKS.items():
+            start = time.perf_counter()
+            mode = env.reset(options={"task": name}).info["isolation"]
+            resets.append(time.perf_counter() - start)
+            time.sleep(0.2)
+            start = time.perf_counter()
+            result = env.step(PythonAction(task.solution))
+            steps.append(time.perf_counter() - start)
+            assert result.reward == 1.0, name
+            grades.append(result.info["grading_seconds"])
+    env.close()
+    rows.append({"isolation": mode, "resets": resets, "steps": steps, "grades": grades})
+print(json.dumps(rows))
+"""
+
+
+def in_container(image: str, rounds: int) -> list[dict[str, Any]]:
+    profile = HERE.parent / "deploy" / "seccomp-sandbox.json"
+    command = [
+        "docker", "run", "--rm", "--network", "none", "--user", "65534:65534", "--read-only",
+        "--tmpfs", "/tmp:rw,nosuid,nodev,noexec,size=64m", "--cap-drop", "ALL",
+        "--security-opt", "no-new-privileges", "--security-opt", f"seccomp={profile}",
+        "--security-opt", "systempaths=unconfined",
+        image, "python", "-c", IN_CONTAINER.replace("ROUNDS", str(rounds)),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=True)
+    rows = []
+    for row in json.loads(done.stdout):
+        q = {name: sorted(row[name]) for name in ("resets", "steps", "grades")}
+        rows.append({
+            "image": image,
+            "isolation": row["isolation"],
+            "gradings": len(q["grades"]),
+            "reset_p50_ms": round(percentile(q["resets"], 0.50) * 1000, 1),
+            "step_p50_ms": round(percentile(q["steps"], 0.50) * 1000, 1),
+            "grading_p50_ms": round(percentile(q["grades"], 0.50) * 1000, 1),
+            "grading_p99_ms": round(percentile(q["grades"], 0.99) * 1000, 1),
+        })  # fmt: skip
+    return rows
+
+
 async def capacity(http: aiohttp.ClientSession, nofile: int | None, bound: int, min_free_gb: float) -> dict[str, Any]:
     server = Server(nofile)
     try:
@@ -263,6 +318,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     grades: list[dict[str, Any]] = []
     caps: list[dict[str, Any]] = []
+    containers: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as http:
         if "latency" in args.parts:
             server = Server(None)
@@ -276,6 +332,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             for think in (0.0, args.think_ms / 1000):
                 for isolation in ("auto", "process"):
                     grades.append(await grading(http, args.grading_rounds, isolation, think))
+        if "container" in args.parts:
+            containers = await asyncio.to_thread(in_container, args.image, args.grading_rounds)
         if "capacity" in args.parts:
             caps = [await capacity(http, None, args.max_sandboxes, args.min_free_gb)]
             caps.append(await capacity(http, 1024, args.max_sandboxes, args.min_free_gb))
@@ -284,6 +342,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python loadtests/sandbox_latency.py " + " ".join(sys.argv[1:]),
         "latency": rows,
         "grading": grades,
+        "container": containers,
         "capacity": caps,
     }
 
@@ -300,6 +359,14 @@ def report(result: dict[str, Any]) -> str:
             f"| {g['isolation']} | {g['think_ms']} | {g['gradings']} | {g['step_p50_ms']} | {g['step_p99_ms']} | {g['grading_p50_ms']} | "
             f"{g['grading_p99_ms']} |"
             for g in result["grading"]
+        ),
+        "",
+        "| image | isolation | gradings | reset p50 ms | step p50 ms | grading p50 ms | grading p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|",
+        *(
+            f"| {c['image']} | {c['isolation']} | {c['gradings']} | {c['reset_p50_ms']} | {c['step_p50_ms']} | "
+            f"{c['grading_p50_ms']} | {c['grading_p99_ms']} |"
+            for c in result["container"]
         ),
         "",
         "| server fd limit | sandboxes held | stopped by | RSS MB / sandbox | reset ms / sandbox | step p50 ms at capacity | healthy after | left after close |",
@@ -322,8 +389,12 @@ if __name__ == "__main__":
     parser.add_argument("--grading-rounds", type=int, default=5, help="passes over the 20 tasks in the grading runs")
     parser.add_argument("--think-ms", type=float, default=200.0, help="pause between reset and step in the second grading runs")
     parser.add_argument(
-        "--parts", type=lambda v: set(v.split(",")), default={"latency", "grading", "capacity"}, help="comma-separated: latency,grading,capacity"
+        "--parts",
+        type=lambda v: set(v.split(",")),
+        default={"latency", "grading", "capacity"},
+        help="comma-separated: latency,grading,container,capacity",
     )
+    parser.add_argument("--image", default="envfleet:latest", help="image of the container part (needs bubblewrap)")
     result = asyncio.run(main(parser.parse_args()))
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")

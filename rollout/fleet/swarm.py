@@ -249,13 +249,10 @@ class SwarmFleet(FleetBackend):
     def _task_template(self, image: str) -> dict[str, Any]:
         cfg = self.config
         memory = parse_memory(cfg.memory)
-        return {
+        template: dict[str, Any] = {
             "ContainerSpec": {
                 "Image": image,
-                "Command": [
-                    "envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--token-file", TOKEN_FILE, *cfg.server_args(),
-                    *swarm_session_args(cfg.env, cfg.max_sessions),  # no namespaces here: a container per session
-                ],  # fmt: skip
+                "Command": ["envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--token-file", TOKEN_FILE, *cfg.server_args()],
                 "Secrets": [
                     {
                         "SecretID": self._secret_id,
@@ -274,6 +271,9 @@ class SwarmFleet(FleetBackend):
             "RestartPolicy": {"Condition": "any", "Delay": _RESTART_DELAY_NS},
             "LogDriver": {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "1"}},
         }
+        # No namespaces for sandboxes in a swarm container: one session per container (rollout/fleet/sandbox_security.py).
+        template["ContainerSpec"]["Command"] += swarm_session_args(cfg.env, cfg.max_sessions)
+        return template
 
     async def _create_secret(self) -> None:
         """Store the token as this pool's swarm secret (labelled like the service, for the reaper)."""

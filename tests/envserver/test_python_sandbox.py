@@ -443,3 +443,38 @@ async def test_ws_sessions_do_not_block_each_other(spawn_server: Any, http: aioh
     assert server.get_json("/health") == (200, {"status": "healthy"})
     status, schema = server.get_json("/schema")
     assert status == 200 and "code" in json.dumps(schema["action"])
+
+
+# --------------------------------------------------------------------------- the grader's value encoding
+
+
+def test_the_encoding_is_exact_about_types_and_canonical_about_order() -> None:
+    from envserver.envs.sandbox.harness import Unencodable, canonical, decode_value, encode_value
+
+    values = [None, True, 0, -(2**53) + 1, 2**53, -(2**70), 1.5, -0.0, float("inf"), "é\ud800", b"\x00",
+              [1, "a", [True]], (1, (2,)), {"b": 1, "a": [None]}, {3, 1, 2}, frozenset({"x"})]  # fmt: skip
+    for value in values:
+        back = decode_value(json.loads(canonical(value)))
+        assert type(back) is type(value) and canonical(back) == canonical(value), value
+    assert canonical(1) != canonical(True) != canonical(1.0)
+    assert canonical([1, 2]) != canonical((1, 2)) and canonical({1}) != canonical(frozenset({1}))
+    assert canonical({"a": 1, "b": 2}) == canonical({"b": 2, "a": 1}) and canonical({2, 1}) == canonical({1, 2})
+
+    class Sub(list):  # noqa: FURB189 - the point is the subclass
+        pass
+
+    class Same:
+        def __eq__(self, other: object) -> bool:
+            return True
+
+    for bad in (Sub(), [Sub()], (Same(),), {1: object()}, {object()}):
+        with pytest.raises(Unencodable):
+            encode_value(bad)
+    nested: list[Any] = []
+    for _ in range(100):
+        nested = [nested]
+    with pytest.raises(Unencodable, match="deeper"):
+        encode_value(nested)
+    for forged in (["list", "x"], ["nope", []], 2**60, ["dict", [[1]]], 1.5, {"a": 1}):
+        with pytest.raises(ValueError):
+            decode_value(forged)

@@ -15,8 +15,10 @@ logged. ``reset``'s info says which (``info["isolation"]``).
 Task mode: ``reset(options={"task": name})`` (or ``"random"``, picked by the seed) loads
 one of ``tasks.TASKS``. After each step the grader (``grader.py``) replays
 the cells of the current interpreter (those that finished; a lost interpreter's cells are
-gone with it) in a fresh grading process, calls the agent's function on the hidden inputs
-there and compares the results with the reference solution's on the server. The reward
+gone with it) in a fresh grading process (``grading_process.py``, started while
+the agent thinks and used once), calls the agent's function on the hidden inputs there
+and compares the results with the reference solution's on the server; the step's
+``info["grading_seconds"]`` says how long that took. The reward
 is the fraction of tests passing when every test reported, else 0; the episode
 terminates when all pass and is truncated after ``max_steps`` steps. Without a task the
 reward is 0 and the episode only ends on reset or close.
@@ -110,10 +112,7 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
             _find_task(self.config.task, None)
         if self.config.isolation not in POLICIES:
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"isolation must be one of {', '.join(POLICIES)}")
-        try:
-            self.isolation: Isolation = detect(self.config.isolation)
-        except RuntimeError as exc:
-            raise ServerError(ErrorCode.EXECUTION_ERROR, str(exc)) from None
+        self.isolation = Isolation("process", "not yet probed")  # set by the first reset, off the event loop
         self._limits = self.config.limits()
         self._cells: list[str] = []  # the steps the current interpreter finished, for the grader to replay
         self._spare: GradingProcess | None = None  # started ahead, for the next step's grading
@@ -141,6 +140,10 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         if max_steps < 1:
             raise ServerError(ErrorCode.VALIDATION_ERROR, "max_steps must be at least 1")
         self._discard_interpreter()
+        try:
+            self.isolation = detect(self.config.isolation)  # probes bubblewrap once per process
+        except RuntimeError as exc:
+            raise ServerError(ErrorCode.EXECUTION_ERROR, str(exc)) from None
         self._seed = seed
         self._start_interpreter()
         self._episode_id = str(uuid.uuid4())

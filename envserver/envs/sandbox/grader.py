@@ -122,7 +122,7 @@ def _passes(task: Task, test: Test, expected: Expected, status: str, payload: by
         actual = decode_value(json.loads(payload))
     except (ValueError, RecursionError):
         return False
-    return bool(task.checker(_fresh_args(test.args), expected.value, actual))
+    return bool(task.checker(test.args, expected.value, actual))  # trusted code: no copy needed
 
 
 def grade(task: Task, cells: list[str], process: GradingProcess) -> Grade:

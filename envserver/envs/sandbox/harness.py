@@ -33,7 +33,6 @@ MAX_DEPTH = 64  # nesting of an encoded value
 MAX_RESULT = 4 << 20  # bytes of one encoded result
 HEADER = 4  # little-endian length of a result frame
 _SAFE_INT = 1 << 53
-_SCALARS = (type(None), bool, str)
 _ENCODER = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False, check_circular=False)
 
 
@@ -44,7 +43,7 @@ class Unencodable(Exception):
 def encode_value(value: Any, depth: int = 0) -> Any:
     """Turn plain data into its tagged JSON form; raise ``Unencodable`` for anything else."""
     kind = type(value)
-    if kind in _SCALARS:
+    if kind is str or kind is bool or value is None:  # identity: no metaclass __eq__ takes part
         return value
     if depth >= MAX_DEPTH:
         raise Unencodable(f"nested deeper than {MAX_DEPTH}")
@@ -53,7 +52,11 @@ def encode_value(value: Any, depth: int = 0) -> Any:
     if kind is float:
         return ["float", float.__repr__(value)]
     if kind is list or kind is tuple:
-        return [kind.__name__, [encode_value(item, depth + 1) for item in value]]
+        items = [
+            item if (t := type(item)) is str or (t is int and -_SAFE_INT < item < _SAFE_INT) else encode_value(item, depth + 1)
+            for item in value
+        ]  # the common flat cases without a call per item
+        return [kind.__name__, items]
     if kind is dict:
         pairs = [[encode_value(k, depth + 1), encode_value(v, depth + 1)] for k, v in dict.items(value)]
         pairs.sort(key=lambda pair: _ENCODER.encode(pair[0]))
@@ -77,7 +80,7 @@ _CONTAINERS: dict[str, Any] = {"list": list, "tuple": tuple, "set": set, "frozen
 def decode_value(data: Any, depth: int = 0) -> Any:
     """Inverse of ``encode_value`` over parsed JSON; ``ValueError`` for anything it would not produce."""
     kind = type(data)
-    if kind in _SCALARS:
+    if kind is str or kind is bool or data is None:
         return data
     if kind is int:
         if not -_SAFE_INT < data < _SAFE_INT:
@@ -104,7 +107,11 @@ def decode_value(data: Any, depth: int = 0) -> Any:
     container = _CONTAINERS.get(tag)
     if container is None:
         raise ValueError(f"unknown tag {tag!r}")
-    return container(decode_value(item, depth + 1) for item in body)
+    items = [
+        item if (t := type(item)) is str or (t is int and -_SAFE_INT < item < _SAFE_INT) else decode_value(item, depth + 1)
+        for item in body
+    ]
+    return items if container is list else container(items)
 
 
 # --------------------------------------------------------------------------- the grading process
