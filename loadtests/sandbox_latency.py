@@ -212,7 +212,7 @@ IN_CONTAINER = """
 import json, time
 from envserver.envs.sandbox.env import PythonSandboxEnv
 from envserver.envs.sandbox.tasks import TASKS
-from envserver.protocol import PythonAction
+from envserver.envs.sandbox.types import PythonAction
 rows = []
 for isolation in ("auto", "process"):
     env = PythonSandboxEnv(timeout=10.0, isolation=isolation)
