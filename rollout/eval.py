@@ -260,5 +260,5 @@ def _records(pool: EnvPool, factory: PolicyFactory, episodes: int, seed: int, sk
     if getattr(policy, "vectorized", False):
         from .vector import play_episodes
 
-        return play_episodes(pool.vector("disabled"), policy, episodes, seed, skip=skip)
+        return play_episodes(pool.vector("disabled"), policy, episodes, seed, skip=skip)  # type: ignore[arg-type]  # marked batched
     return pool.run(factory, episodes, seed, skip=skip, per_episode=True)

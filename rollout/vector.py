@@ -100,7 +100,7 @@ class VectorPool:
     # -- Gymnasium-shaped calls
 
     async def reset(
-        self, seed: int | Sequence[int] | None = None, env_ids: Sequence[int] | None = None, *, episodes: Sequence[int] | None = None
+        self, seed: int | Sequence[int] | None = None, env_ids: Sequence[int] | np.ndarray | None = None, *, episodes: Sequence[int] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start new episodes in ``env_ids`` (default all); ``seed`` is the run seed, or one base seed per env.
 
@@ -136,7 +136,7 @@ class VectorPool:
         self.send(actions)
         return await self._receive(self.num_envs, by_id=True)
 
-    def send(self, actions: Any, env_ids: Sequence[int] | None = None) -> None:
+    def send(self, actions: Any, env_ids: Sequence[int] | np.ndarray | None = None) -> None:
         """Start stepping ``env_ids`` (default all) with ``actions``; ``recv`` gives the results as they come."""
         ids = self._ids(env_ids)
         acts = self._check_actions(actions, ids)
@@ -165,7 +165,7 @@ class VectorPool:
 
     # -- sending
 
-    def _ids(self, env_ids: Sequence[int] | None) -> np.ndarray:
+    def _ids(self, env_ids: Sequence[int] | np.ndarray | None) -> np.ndarray:
         self.pool._check_open()
         if env_ids is None:
             return np.arange(self.num_envs)
@@ -508,7 +508,8 @@ def _split(chunk: _Chunk, count: int) -> tuple[_Chunk, _Chunk]:
 
 
 def _errors(chunks: list[_Chunk]) -> list[tuple[int, str]]:
-    found, offset = [], 0
+    found: list[tuple[int, str]] = []
+    offset = 0
     for chunk in chunks:
         found.extend((offset + row, message) for row, message in chunk.errors.items())
         offset += len(chunk.ids)
