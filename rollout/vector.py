@@ -21,9 +21,8 @@ episode (the next one of its seed sequence) on the replacement server.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -32,7 +31,6 @@ from envserver.protocol import Columns, episode_seed
 
 from .client import ClientState
 from .errors import EnvCrashed, EnvError, EpisodeOver, InvalidAction
-from .pool import EpisodeRecord
 
 if TYPE_CHECKING:
     from .pool import EnvPool, _Slot
@@ -100,7 +98,7 @@ class VectorPool:
     # -- Gymnasium-shaped calls
 
     async def reset(
-        self, seed: int | Sequence[int] | None = None, env_ids: Sequence[int] | None = None, *, episodes: Sequence[int] | None = None
+        self, seed: int | Sequence[int] | None = None, env_ids: Sequence[int] | np.ndarray | None = None, *, episodes: Sequence[int] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """Start new episodes in ``env_ids`` (default all); ``seed`` is the run seed, or one base seed per env.
 
@@ -136,7 +134,7 @@ class VectorPool:
         self.send(actions)
         return await self._receive(self.num_envs, by_id=True)
 
-    def send(self, actions: Any, env_ids: Sequence[int] | None = None) -> None:
+    def send(self, actions: Any, env_ids: Sequence[int] | np.ndarray | None = None) -> None:
         """Start stepping ``env_ids`` (default all) with ``actions``; ``recv`` gives the results as they come."""
         ids = self._ids(env_ids)
         acts = self._check_actions(actions, ids)
@@ -165,7 +163,7 @@ class VectorPool:
 
     # -- sending
 
-    def _ids(self, env_ids: Sequence[int] | None) -> np.ndarray:
+    def _ids(self, env_ids: Sequence[int] | np.ndarray | None) -> np.ndarray:
         self.pool._check_open()
         if env_ids is None:
             return np.arange(self.num_envs)
@@ -424,70 +422,6 @@ def vectorized(policy: VectorPolicy) -> VectorPolicy:
     return policy
 
 
-async def play_episodes(vector: VectorPool, policy: VectorPolicy, episodes: int, seed: int, *, skip: Iterable[int] = ()) -> AsyncIterator[EpisodeRecord]:
-    """Play episodes with a batched policy; yield each record as it finishes.
-
-    Episode i is seeded ``episode_seed(seed, i)``, as in ``EnvPool.run``, so both give the same
-    episodes. ``vector`` must not auto-reset (``autoreset="disabled"``): each finished env is
-    given the next episode to play. An episode lost with its server is played again (up to the
-    pool's ``max_episode_retries``). An exception of the policy carries the episode as ``exc.episode``.
-    """
-    if vector.autoreset != "disabled":
-        raise ValueError("play_episodes needs a VectorPool with autoreset='disabled'")
-    done = set(skip)
-    todo = deque(i for i in range(episodes) if i not in done)
-    current = np.full(vector.num_envs, -1, np.int64)
-    started = np.zeros(vector.num_envs)
-    retries: dict[int, int] = {}
-
-    async def start(free: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Give the free envs the next episodes; reset again the ones whose server failed."""
-        ids = free[: len(todo)]
-        current[ids] = [todo.popleft() for _ in range(len(ids))]
-        started[ids] = time.perf_counter()
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for _ in range(vector.pool.config.max_episode_retries + 1):
-            obs, info = await vector.reset(seed=[seed] * len(ids), env_ids=ids, episodes=current[ids].tolist())
-            failed = info.get("_error", np.zeros(len(ids), bool))
-            mask = info.get("action_mask", np.ones((len(ids), 0), bool))
-            parts.append((ids[~failed], obs[~failed], mask[~failed]))
-            if not failed.any():
-                return tuple(np.concatenate(column) for column in zip(*parts))  # type: ignore[return-value]
-            error, ids = info["error"][np.flatnonzero(failed)[0]], ids[failed]
-        raise EnvCrashed(f"cannot start episode {int(current[ids[0]])}: {error}", env=int(ids[0]))
-
-    active, obs, mask = await start(np.arange(vector.num_envs))
-    while len(active):
-        try:
-            actions = policy(obs, mask)
-            vector.send(actions, active)
-        except Exception as exc:
-            env = getattr(exc, "env", None)
-            exc.episode = int(current[env] if isinstance(env, int) else current[active[0]])  # type: ignore[attr-defined]
-            raise
-        obs, reward, terminated, truncated, info = await vector.recv()
-        ids, finished = info["env_id"], terminated | truncated
-        errors = info.get("error")
-        for row in np.flatnonzero(finished):
-            env, episode = int(ids[row]), int(current[ids[row]])
-            if errors is not None and errors[row] is not None:
-                retries[episode] = retries.get(episode, 0) + 1
-                if retries[episode] > vector.pool.config.max_episode_retries:
-                    raise EnvCrashed(f"episode {episode} failed {retries[episode]} times: {errors[row]}", env=env)
-                todo.appendleft(episode)
-                continue
-            wall = time.perf_counter() - float(started[env])
-            info_out = {"server": vector.pool.envs[env].server, "env": env, "wall_time": wall}
-            if retries.get(episode):
-                info_out["retries"] = retries[episode]
-            yield EpisodeRecord(episode, episode_seed(seed, episode), float(info["episode_return"][row]), int(info["episode_length"][row]), info_out)
-        keep = ~finished
-        active, obs, mask = ids[keep], obs[keep], info["action_mask"][keep] if "action_mask" in info else mask[keep]
-        if finished.any() and todo:
-            new_ids, new_obs, new_mask = await start(ids[finished])
-            active, obs, mask = np.concatenate([active, new_ids]), np.concatenate([obs, new_obs]), np.concatenate([mask, new_mask])
-
-
 def _read_error(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()  # marks it read: an abandoned request must not log "exception was never retrieved"
@@ -508,11 +442,12 @@ def _split(chunk: _Chunk, count: int) -> tuple[_Chunk, _Chunk]:
 
 
 def _errors(chunks: list[_Chunk]) -> list[tuple[int, str]]:
-    found, offset = [], 0
+    found: list[tuple[int, str]] = []
+    offset = 0
     for chunk in chunks:
         found.extend((offset + row, message) for row, message in chunk.errors.items())
         offset += len(chunk.ids)
     return found
 
 
-__all__ = ["AUTORESET_MODES", "VectorPool", "play_episodes", "vectorized"]
+__all__ = ["AUTORESET_MODES", "VectorPool", "VectorPolicy", "vectorized"]

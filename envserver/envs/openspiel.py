@@ -117,6 +117,10 @@ class _TensorWriter:
         return self.write(state, player).tobytes()
 
 
+def _unbound(state: Any, player: int) -> memoryview:
+    raise AssertionError("the batch loop binds a tensor writer before its first write")
+
+
 @functools.lru_cache(maxsize=64)
 def _load(name: str, params: tuple[tuple[str, Any], ...]) -> _Game:
     return _Game(name, dict(params))
@@ -204,7 +208,11 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         """Play each row and write its tensor in place, its mask row from a per-game cache: no observation object."""
         spec, size, obs = batch.spec, batch.row_bytes, batch.obs_view
         rewards, terminated, masks, text = batch.reward, batch.terminated, batch.mask, batch.text
-        game = write = mask_rows = set_from = view = None
+        game: _Game | None = None
+        write: Callable[[Any, int], memoryview] = _unbound
+        set_from: Callable[[Any, int], None] | None = None
+        view: memoryview | None = None
+        mask_rows: dict[tuple[int, ...], bytes] = {}
         for row, env in enumerate(envs):
             try:
                 if row in resets:
@@ -215,8 +223,11 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
                     player = env._apply(actions[row])
                 if env._game is not game:
                     game = env._game
+                    assert game is not None
                     if game.column_spec != spec:
                         raise ServerError(ErrorCode.VALIDATION_ERROR, f"session plays {env._cfg.game}, not the batch's game: reset it")
+                    if game.tensor is None:
+                        raise ServerError(ErrorCode.VALIDATION_ERROR, f"{env._cfg.game} has no observation tensor for a columnar batch")
                     set_from, view = game.tensor.in_place()
                     write, mask_rows = game.tensor.write, game.mask_rows
                 state, agent = env._state, env._cfg.agent_player
@@ -224,7 +235,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
                 start = row * size
                 if set_from is not None:
                     set_from(state, agent)
-                    obs[start : start + size] = view
+                    obs[start : start + size] = view  # type: ignore[index,assignment]  # bound with set_from
                 else:
                     obs[start : start + size] = write(state, agent)
                 if before is not None:
@@ -236,7 +247,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
                     mask = mask_rows[key] = batch.mask_row(legal)
                 masks[row] = mask
                 if text is not None:
-                    text[row] = game.render(state, agent)
+                    text[row] = game.render(state, agent)  # type: ignore[union-attr]
             except Exception as exc:
                 if env._game is not game:  # the check above failed: compare the next row afresh
                     game = None

@@ -114,7 +114,7 @@ class ColumnBatch:
         """The packed reply."""
         return Columns(
             obs_shape=self.spec.obs_shape,
-            obs=self.obs,
+            obs=self.obs,  # type: ignore[arg-type]  # a bytearray encodes as msgpack bin, like bytes, without a copy
             reward=array("d", self.reward).tobytes(),
             terminated=bytes(self.terminated),
             truncated=bytes(self.truncated),

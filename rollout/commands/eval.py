@@ -247,7 +247,7 @@ def _records(pool: EnvPool, factory: PolicyFactory, episodes: int, seed: int, sk
     """The pool's episode records: through ``VectorPool`` when the policy is batched (``rollout.vector.vectorized``)."""
     policy = factory(seed)
     if getattr(policy, "vectorized", False):
-        from ..vector import play_episodes
+        from ..vector_episodes import play_episodes
 
-        return play_episodes(pool.vector("disabled"), policy, episodes, seed, skip=skip)
+        return play_episodes(pool.vector("disabled"), policy, episodes, seed, skip=skip)  # type: ignore[arg-type]  # marked batched
     return pool.run(factory, episodes, seed, skip=skip, per_episode=True)

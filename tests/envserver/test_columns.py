@@ -207,3 +207,51 @@ def test_vector_sessions_derive_each_episode_seed_from_base_and_index() -> None:
     with pytest.raises(ServerError) as info:
         sessions.handle(VecStep(3, [1, 2], actions(1)))
     assert info.value.code is ErrorCode.VALIDATION_ERROR
+
+
+# ---------------------------------------------------------------------------- hostile frames
+
+
+async def test_hostile_columnar_requests_get_coded_errors_and_the_connection_lives(catch_server, mux_connect) -> None:
+    mux = await mux_connect(catch_server)
+    await opened(mux, [1, 2])
+    raw = [
+        ["vstep", 901, [1, 2], [1, 1]],  # actions as a list, not packed bytes
+        ["vstep", 902, [1, 2], b"\x01" * 16, "next_step", "yes"],  # text not a bool
+        ["vstep", 903, "1,2", b"\x00" * 16],  # sids not a list
+        ["vreset", 904, [1, 2], [1, 2], [0, 1], False, "extra"],  # a field too many
+        ["vreset", 905, [1, 2], ["a", "b"]],  # seeds not ints
+        ["vstep", 906, [1, 2], b"\x00" * 17],  # not a whole number of int64
+    ]
+    await mux.send_raw(msgspec.msgpack.encode(raw))
+    got: dict[int, Any] = {}
+    while len(got) < len(raw):
+        for reply in await mux.recv():
+            got[reply.id] = reply
+    for rid in range(901, 907):
+        assert not got[rid].ok and got[rid].body["code"] == "VALIDATION_ERROR", got[rid]
+    # empty, negative seeds, far episodes and huge actions: answered, never a crash
+    empty = await vone(mux, VecReset, [], [])
+    assert empty["reward"].size == 0 and not empty["failures"]
+    odd = await vone(mux, VecReset, [1, 2], [-5, 2**63 - 1], [-3, 2**40])
+    assert not odd["failures"] and odd["obs"].shape == (2, 10, 5)
+    huge = await vone(mux, VecStep, [1, 2], np.array([2**62, -(2**62)], np.int64).tobytes())
+    assert huge["failures"] == {0: "INVALID_ACTION", 1: "INVALID_ACTION"}
+    other = await mux_connect(catch_server)  # sids name this connection's sessions only
+    foreign = await vone(other, VecStep, [1, 2], actions(1, 1))
+    assert foreign["failures"] == {0: "UNKNOWN_SESSION", 1: "UNKNOWN_SESSION"}
+    await mux.ping()
+    await mux.call(mux.req("close", 1), mux.req("close", 2))
+
+
+def test_gymnasium_adapter_fast_path_writes_what_the_generic_path_writes() -> None:
+    from envserver.envs.gymnasium_env import GymnasiumEnv
+
+    generic = Environment.write_batch.__func__  # type: ignore[attr-defined]
+    moves = [[0, 1, 1], [1, 1, 0], [0, 0, 0], [1, 0, 5]]  # the last row's 5 is outside Discrete(2)
+    fast = _play(GymnasiumEnv.write_batch, [GymnasiumEnv() for _ in range(3)], [1, 2, 3], moves)  # type: ignore[arg-type]
+    slow = _play(lambda *a: generic(GymnasiumEnv, *a), [GymnasiumEnv() for _ in range(3)], [1, 2, 3], moves)  # type: ignore[arg-type]
+    for a, b in zip(fast, slow):
+        assert a.failures.keys() == b.failures.keys()
+        assert (a.obs, a.reward, a.terminated, a.truncated, a.mask) == (b.obs, b.reward, b.terminated, b.truncated, b.mask)
+    assert fast[-1].failures[2].code == "INVALID_ACTION"

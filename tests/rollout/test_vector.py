@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from rollout import EnvCrashed, EnvError, EnvPool, EpisodeOver, InvalidAction
-from rollout.vector import VectorPool, play_episodes, vectorized
+from rollout.vector import VectorPool, vectorized
+from rollout.vector_episodes import play_episodes
 
 
 def random_legal(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
