@@ -91,8 +91,14 @@ class _Checker:
         self.volatile = volatile
         self.failures: list[str] = []
         self.skipped: list[str] = []
+        self._reported: set[str] = set()
 
-    def fail(self, message: str) -> None:
+    def fail(self, message: str, *, once: str | None = None) -> None:
+        """Record a failure; one with a ``once`` key is reported the first time only (e.g. at the first step)."""
+        if once is not None:
+            if once in self._reported:
+                return
+            self._reported.add(once)
         self.failures.append(message)
 
     def run(self) -> CheckReport:
@@ -108,7 +114,8 @@ class _Checker:
             for index, (a, b) in enumerate(zip(first[0], second[0])):
                 if a != b:
                     what = "the reset" if index == 0 else f"step {index}"
-                    self.fail(f"same seed, same actions, different {what}: {_short(a)} != {_short(b)} (if a field is timing, pass volatile=)")
+                    first_run, second_run = (_short(msgspec.msgpack.decode(x)) for x in (a, b))
+                    self.fail(f"same seed and actions, but {what} differs: {first_run} != {second_run} (if a field is timing, pass volatile=)")
                     break
         after = _holdings()
         for kind, count in before.items():
@@ -229,28 +236,28 @@ class _Checker:
         if result is _FAILED:
             return False
         if not isinstance(result, StepResult):
-            self.fail(f"{where} returned {type(result).__name__}, not a StepResult")
+            self.fail(f"{where} returned {type(result).__name__}, not a StepResult", once="result type")
             return False
         ok = True
         if not isinstance(result.observation, self.env_class.Observation):
-            self.fail(f"{where}: the observation is a {type(result.observation).__name__}, not {self.env_class.Observation.__name__}")
+            self.fail(f"{where}: the observation is a {type(result.observation).__name__}, not {self.env_class.Observation.__name__}", once="observation type")
             ok = False
         if type(result.reward) is not float:
-            self.fail(f"{where}: reward must be a float, not {type(result.reward).__name__}")
+            self.fail(f"{where}: reward must be a float, not {type(result.reward).__name__}", once="reward type")
         if type(result.terminated) is not bool or type(result.truncated) is not bool:
-            self.fail(f"{where}: terminated and truncated must be bools")
+            self.fail(f"{where}: terminated and truncated must be bools", once="flag types")
         if not isinstance(result.info, dict):
-            self.fail(f"{where}: info must be a dict")
+            self.fail(f"{where}: info must be a dict", once="info type")
         self.check_codecs(where, result)
         state = self.call(f"state() after {where}", env.state)
         if state is not _FAILED and not isinstance(state, self.env_class.State):
-            self.fail(f"state() after {where} is a {type(state).__name__}, not {self.env_class.State.__name__}")
+            self.fail(f"state() after {where} is a {type(state).__name__}, not {self.env_class.State.__name__}", once="state type")
         elif state is not _FAILED:
             self.check_codecs(f"state() after {where}", state, self.env_class.State)
         try:
             json_encoder.encode(env.openenv_observation(result.observation))
         except Exception as exc:
-            self.fail(f"{where}: the OpenEnv form of the observation is not JSON: {type(exc).__name__}: {exc}")
+            self.fail(f"{where}: the OpenEnv form of the observation is not JSON: {type(exc).__name__}: {exc}", once="openenv json")
         return ok
 
     def check_codecs(self, where: str, value: Any, kind: Any = None) -> None:
@@ -260,10 +267,10 @@ class _Checker:
             try:
                 back = decoder.decode(encode(value))
             except Exception as exc:
-                self.fail(f"{where}: does not round-trip through {codec}: {type(exc).__name__}: {exc}")
+                self.fail(f"{where}: does not round-trip through {codec}: {type(exc).__name__}: {exc}", once=f"{codec} decode {kind}")
                 continue
             if encode(back) != encode(value):
-                self.fail(f"{where}: comes back different through {codec} (NaN or infinite floats? non-string dict keys?)")
+                self.fail(f"{where}: comes back different through {codec} (NaN or infinite floats? non-string dict keys?)", once=f"{codec} equal {kind}")
 
     def check_refusals(self, env: Environment, step: int) -> None:  # type: ignore[type-arg]
         """Every bad action is refused with a coded error and leaves the episode as it was."""
@@ -273,14 +280,14 @@ class _Checker:
                 env.step(env.parse_action(raw))
             except ServerError as exc:
                 if exc.code not in REFUSAL_CODES:
-                    self.fail(f"the bad action {_short(raw)} is refused with {exc.code}, not VALIDATION_ERROR or INVALID_ACTION")
+                    self.fail(f"the bad action {_short(raw)} is refused with {exc.code}, not VALIDATION_ERROR or INVALID_ACTION", once=f"code {raw!r}")
             except Exception as exc:
-                self.fail(f"the bad action {_short(raw)} raised {type(exc).__name__}: {exc} instead of a coded error")
+                self.fail(f"the bad action {_short(raw)} raised {type(exc).__name__}: {exc} instead of a coded error", once=f"raised {raw!r}")
             else:
-                self.fail(f"the bad action {_short(raw)} was accepted at step {step}")
+                self.fail(f"the bad action {_short(raw)} was accepted at step {step}", once=f"accepted {raw!r}")
         after = self.call("state()", env.state)
         if before is not _FAILED and after is not _FAILED and self.strip(before) != self.strip(after):
-            self.fail(f"refused actions changed the state at step {step}: {_short(before)} -> {_short(after)}")
+            self.fail(f"refused actions changed the state at step {step}: {_short(before)} -> {_short(after)}", once="refusals change state")
 
     def check_step_after_end(self, env: Environment, raw: Any) -> None:  # type: ignore[type-arg]
         try:

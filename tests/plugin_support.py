@@ -91,6 +91,7 @@ FILES = {
     "raises_on_import.py": "raise RuntimeError('this plugin is broken at import')\n",
     "imports_missing.py": "import no_such_dependency_xyz\n",
     "not_an_env.py": "class Thing:\n    pass\n",
+    "marks_import.py": "import sys\nprint('IMPORTED marks_import', file=sys.stderr, flush=True)\n",
 }
 
 ENTRY_POINTS = """

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from .plugin_support import pythonpath_with
+
 DOC = Path(__file__).resolve().parent.parent / "docs" / "authoring.md"
 BIN = Path(sys.executable).parent
 IMAGE_BUILD = "rollout image build --with . --tag my-env:latest"
@@ -39,7 +41,7 @@ class Walkthrough:
     def __init__(self, root: Path) -> None:
         self.cwd = root
         self.site = root / "site"
-        self.env = {**os.environ, "PYTHONPATH": str(self.site)}
+        self.env = {**os.environ, **pythonpath_with(self.site)}
         self.image = f"envfleet-test-authoring:{os.getpid()}"
 
     def run(self, *argv: str | Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:

@@ -104,18 +104,25 @@ def test_register_in_process_wins_and_is_forgotten() -> None:
         envs.register("a:b", EchoEnv)
 
 
-async def test_a_module_path_is_served_and_a_client_cannot_name_another(plugins: Path, spawn_server, mux_connect) -> None:
+async def test_a_module_path_is_served_and_a_client_cannot_name_another(plugins: Path, spawn_server, mux_connect, http) -> None:
     server = spawn_server("--env", "tinyplug.env:CountEnv", env=pythonpath_with(plugins))
     mux = await mux_connect(server)
     assert (await mux.one("open", 1))["env"] == "count"  # the class's name
     body = await mux.one("reset", 1, 0)
     assert body["observation"]["total"] == 0 and body["observation"]["grid"][0] == [2, 2]
     assert (await mux.one("step", 1, {"add": 2}))["observation"]["total"] == 2
-    for spec in ("json:dumps", "raises_on_import:Env", "openenv:tinyplug.env:CountEnv"):
+    for spec in ("json:dumps", "marks_import:Env", "openenv:tinyplug.env:CountEnv"):
         (reply,) = await mux.call(mux.req("open", 2, spec))
         assert not reply.ok and reply.body["code"] == "FORBIDDEN", reply
     assert (await mux.one("open", 3, "count"))["env"] == "count"  # registered names may be asked for
-    assert "raises_on_import" not in server.stderr()
+    async with http.get(server.url + "/metadata") as reply:
+        assert (await reply.json())["observation_type"] == "tinyplug.env:CountObservation"
+    async with http.get(server.url + "/metadata", params={"env": "echo"}) as reply:
+        assert (await reply.json())["state_type"] == "envserver.envs.echo:EchoState"
+    for route in ("/metadata", "/schema"):
+        async with http.get(server.url + route, params={"env": "marks_import:Env"}) as reply:
+            assert reply.status == 404 and (await reply.json())["code"] == "NOT_FOUND"
+    assert "IMPORTED marks_import" not in server.stderr()  # refused before any import
 
 
 async def test_an_env_that_raises_in_step_fails_only_that_session(plugins: Path, spawn_server, mux_connect) -> None:

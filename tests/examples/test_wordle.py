@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ..plugin_support import install_to
+from ..plugin_support import install_to, pythonpath_with
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "wordle"
 BIN = Path(sys.executable).parent
@@ -24,7 +24,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def with_site(site: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(site)}
+    return {**os.environ, **pythonpath_with(site)}
 
 
 def run(site: Path, *argv: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -41,7 +41,7 @@ def test_the_packages_own_tests_pass_against_the_installed_package(site: Path, t
 
 
 async def test_served_through_its_entry_point(site: Path, spawn_server, http) -> None:
-    server = spawn_server("--env", "wordle", env={"PYTHONPATH": str(site)})
+    server = spawn_server("--env", "wordle", env=pythonpath_with(site))
     async with http.get(server.url + "/metadata") as reply:
         assert (await reply.json())["observation_type"] == "wordle_env.env:WordleObservation"
     async with http.post(server.url + "/reset", json={"seed": 5}) as reply:

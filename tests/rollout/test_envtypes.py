@@ -151,3 +151,23 @@ async def test_a_pool_of_a_missing_module_fails_at_start_with_the_servers_reason
         async with EnvPool(n=2, env="no_such_module_xyz:Env", backend="local", servers=1):
             pass
     assert "no module named 'no_such_module_xyz'" in str(info.value)
+
+
+def test_decoding_into_openspiels_types_imports_neither_starlette_nor_pyspiel(catch_server) -> None:
+    script = f"""
+import asyncio, sys
+from rollout import EnvClient
+from envserver.envs.openspiel_types import OpenSpielObservation
+
+async def main():
+    async with EnvClient({catch_server.url!r}) as client:
+        sid = client.new_sid()
+        await client.open(sid)
+        result = await client.reset(sid, 1)
+        assert client.wire_types.source == "local" and isinstance(result.observation, OpenSpielObservation)
+
+asyncio.run(main())
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("starlette", "hypercorn", "pyspiel", "open_spiel")))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
