@@ -53,7 +53,7 @@ SANDBOX_UID = 65534  # "nobody": the user sandboxes run as when the server is ro
 SETPRIV = "/usr/bin/setpriv"
 SYSTEM_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 POLICIES = ("auto", "namespaces", "process")
-_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent)  # envserver/: tasks, harness, server code
+_PACKAGE_DIR = str(Path(__file__).resolve().parents[2])  # envserver/: tasks, harness, server code
 
 
 class Isolation(msgspec.Struct, frozen=True):
