@@ -21,7 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+import envserver.auth
 import envserver.envs.sandbox.tasks
+import envserver.server
 from envserver.envs.sandbox.env import PythonSandboxEnv
 from envserver.envs.sandbox.isolation import descendants, detect
 from envserver.envs.sandbox.tasks import TASKS
@@ -229,8 +231,12 @@ def test_importing_the_tasks_module(namespaced: Attempt) -> None:
     )
     attempt.hack(code)
     attempt.env.reset()
-    notebook = attempt.env.step(PythonAction(f"import os\nprint(os.path.exists({path!r}))\nimport envserver.envs.sandbox.tasks"))
-    assert notebook.observation.stdout == "False\n" and notebook.observation.exception_type == "ModuleNotFoundError"
+    server_code = [envserver.server.__file__, envserver.auth.__file__, envserver.__file__]  # not only the tasks: the whole package
+    notebook = attempt.env.step(
+        PythonAction(f"import os\nprint([os.path.exists(p) for p in {[path, *server_code]!r}])\nimport envserver.envs.sandbox.tasks")
+    )
+    assert notebook.observation.stdout == "[False, False, False, False]\n"
+    assert notebook.observation.exception_type == "ModuleNotFoundError"
 
 
 def test_monkeypatching_builtins_isinstance_type_len(attempt: Attempt) -> None:
