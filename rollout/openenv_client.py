@@ -27,8 +27,8 @@ import msgspec
 
 from envserver.protocol import OpenResult, StepResult
 
-from .client import ClientState, EnvClient
-from .errors import EnvCrashed, EnvError, PoolClosed, RequestTimeout, UnknownSession, from_reply
+from .client import _ENCODE_ERRORS, DEFAULT_MAX_FRAME_BYTES, ClientState, EnvClient, _plain, _unencodable
+from .errors import EnvCrashed, EnvError, PoolClosed, RequestTimeout, RequestTooLarge, UnencodableAction, UnknownSession, from_reply
 
 SCHEMES = ("openenv+ws://", "openenv+wss://")
 _ENDS_SESSION = frozenset({"CAPACITY_REACHED", "FACTORY_ERROR", "SESSION_ERROR"})
@@ -72,7 +72,7 @@ class _Error(msgspec.Struct):
 _frame_decoder = msgspec.json.Decoder(_Frame)
 _observation_decoder = msgspec.json.Decoder(_Observation)
 _error_decoder = msgspec.json.Decoder(_Error)
-_encoder = msgspec.json.Encoder()
+_encoder = msgspec.json.Encoder(enc_hook=_plain)  # numpy actions as plain values, as on the mux
 
 
 class _Session:
@@ -101,9 +101,11 @@ class OpenEnvClient:
         request_timeout: float = 60.0,
         connect_timeout: float = 10.0,
         heartbeat: float = 5.0,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.url = url.rstrip("/")
         self.env = env
+        self.max_frame_bytes = max_frame_bytes
         self.state = ClientState.NEW
         self.broken_reason = ""
         self._ws_url = self.url.replace("openenv+", "", 1) + "/ws"
@@ -238,7 +240,16 @@ class OpenEnvClient:
         return session
 
     async def _request(self, sid: int, session: _Session, message: dict[str, Any], label: Any) -> _Frame:
-        """Send one frame and await its reply; the session's requests go one at a time."""
+        """Send one frame and await its reply; the session's requests go one at a time.
+
+        A request that cannot be encoded, or that exceeds ``max_frame_bytes``, fails alone before sending.
+        """
+        try:
+            text = _encoder.encode(message).decode()
+        except _ENCODE_ERRORS as exc:
+            raise UnencodableAction(_unencodable(exc), env=label, server=self.url) from exc
+        if len(text) > self.max_frame_bytes:
+            raise RequestTooLarge(f"a {len(text):,}-byte frame exceeds the {self.max_frame_bytes:,}-byte limit; not sent", env=label, server=self.url)
         async with session.lock:
             if session.ended is not None:
                 raise session.ended
@@ -246,7 +257,7 @@ class OpenEnvClient:
             future: asyncio.Future[_Frame] = asyncio.get_running_loop().create_future()
             session.waiting.append(future)
             try:
-                await session.ws.send_str(_encoder.encode(message).decode())
+                await session.ws.send_str(text)
             except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
                 session.waiting.remove(future)
                 raise EnvCrashed(f"send failed: {exc!r}", env=label, server=self.url) from exc

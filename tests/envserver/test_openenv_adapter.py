@@ -198,6 +198,6 @@ async def test_clients_cannot_make_a_server_import_modules(echo_server: ServerPr
     """Opening a session of ``package.module:Class`` would import (run) that module: only ``--env`` may."""
     mux = await mux_connect(echo_server)
     (reply,) = await mux.call(mux.req("open", 1, spec, {}))
-    assert not reply.ok and reply.body["code"] == "NOT_FOUND" and "is not served here" in reply.body["message"]
+    assert not reply.ok and reply.body["code"] == "FORBIDDEN" and "does not serve" in reply.body["message"]
     await mux.ping()
     assert "Beautiful is better than ugly" not in echo_server.stdout_path.read_text()  # `import this` never ran
