@@ -15,6 +15,7 @@ from starlette.routing import Route, WebSocketRoute
 from .surfaces import openenv_http as http
 from .auth import LoopbackHostCheck, OriginCheck, TokenAuth, is_loopback
 from .config import ServerConfig
+from .executor import finish_background
 from .surfaces.metrics import metrics_endpoint
 from .surfaces.mux import mux_endpoint
 from .surfaces.openapi import openapi_document
@@ -44,6 +45,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
         finally:
             reaper.cancel()
             server.sessions.close_all()
+            await finish_background(10.0)  # environments' cleanups (reaping sandboxes) end before the loop does
 
     async def openapi(request: Request) -> Response:
         return http.json_response(openapi_document(server.env_class))

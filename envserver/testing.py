@@ -164,7 +164,7 @@ class _Checker:
             envs.unregister(key)
         calls = [("GET", "/schema", b""), ("GET", "/metadata", b""), ("POST", "/reset", b'{"seed": 1}')]
         try:
-            replies = _run_apart(_asgi_calls(app, calls))
+            replies = _run_apart(_served(app, calls))
         finally:
             app.state.server.sessions.close_all()
         (schema_status, schema), (meta_status, meta), (reset_status, reset) = replies
@@ -357,6 +357,12 @@ async def _asgi_calls(app: Any, calls: list[tuple[str, str, bytes]]) -> list[tup
         status = next(m["status"] for m in sent if m["type"] == "http.response.start")
         replies.append((status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")))
     return replies
+
+
+async def _served(app: Any, calls: list[tuple[str, str, bytes]]) -> list[tuple[int, bytes]]:
+    """``_asgi_calls`` between the app's startup and shutdown, so the sessions they open are closed."""
+    async with app.router.lifespan_context(app):
+        return await _asgi_calls(app, calls)
 
 
 def _run_apart(coro: Any) -> Any:

@@ -26,7 +26,6 @@ reward is 0 and the episode only ends on reset or close.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import signal
 import time
@@ -37,7 +36,7 @@ import msgspec
 
 from ...env import Environment
 from ...errors import ServerError
-from ...executor import run_blocking
+from ...executor import run_in_background
 from ...protocol import ErrorCode, StepResult
 from .types import PythonAction, PythonObservation, PythonState
 from .grader import Grade, grade
@@ -46,7 +45,6 @@ from .interpreter import Interpreter, Outcome, SandboxLimits, StartError
 from .isolation import POLICIES, Isolation, detect
 from .tasks import TASKS, Task
 
-_cleanups: set[asyncio.Task[None]] = set()
 
 
 class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -196,17 +194,9 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         if self._grading is not None:
             self._grading.kill()  # the step using it frees it
         for process in (self._interpreter, self._spare):
-            if process is None:
-                continue
-            process.kill()
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                process.close()
-                continue
-            task = loop.create_task(run_blocking(process.close))
-            _cleanups.add(task)
-            task.add_done_callback(_cleanups.discard)
+            if process is not None:
+                process.kill()
+                run_in_background(process.close)  # reaping may wait: not on the event loop
         self._interpreter = self._spare = None
 
     # -- internals
