@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--idle-ttl", default=600.0, type=float, help="seconds before an idle session is freed")
     parser.add_argument("--max-frame-bytes", default=4 * 1024 * 1024, type=int, help="WebSocket frame / HTTP body limit")
     parser.add_argument("--token", default=os.environ.get("ENVSERVER_TOKEN"), help="bearer token required on every route (default $ENVSERVER_TOKEN)")
+    parser.add_argument("--token-file", help="read the bearer token from the first line of this file ('-': standard input)")
     parser.add_argument("--no-web", action="store_true", help="do not serve the browser play page")
     parser.add_argument("--lifetime", type=float, help="exit by itself after this many seconds")
     parser.add_argument("--exit-with-stdin", action="store_true", help="exit when standard input closes (the parent went away)")
@@ -41,6 +42,8 @@ def build_config(args: argparse.Namespace) -> Any:
     from .config import ServerConfig
 
     options = dict(args.env_options)
+    if args.token_file:
+        args.token = _read_token(args.token_file)
     if args.game:
         options["game"] = args.game
     return ServerConfig(
@@ -56,6 +59,19 @@ def build_config(args: argparse.Namespace) -> Any:
         web=not args.no_web,
         lifetime=args.lifetime,
     )
+
+
+def _read_token(path: str) -> str:
+    """The first line of ``path`` ('-': standard input, which stays open for ``--exit-with-stdin``)."""
+    if path == "-":
+        line = sys.stdin.buffer.readline()
+    else:
+        with open(path, "rb") as file:
+            line = file.readline()
+    token = line.decode().strip()
+    if not token:
+        raise ValueError(f"--token-file {path}: no token on its first line")
+    return token
 
 
 async def serve(config: Any, *, exit_with_stdin: bool = False) -> None:
@@ -116,7 +132,11 @@ async def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(args)
+    try:
+        config = build_config(args)
+    except (OSError, ValueError) as exc:
+        print(f"envserver: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     try:
         import uvloop
 
