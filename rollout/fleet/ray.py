@@ -95,10 +95,14 @@ def _probe(address: str, timeout: float) -> None:
 def _connect(address: str | None, cpus_wanted: float, timeout: float) -> None:
     """Join (or start) the cluster; count this user. Blocking: call in a thread."""
     ray = import_ray()
+    if address is not None:
+        _probe(address, timeout)
     with _Connection.lock:
-        if not ray.is_initialized():
-            if address is not None:
-                _probe(address, timeout)
+        if ray.is_initialized():
+            current = ray.get_runtime_context().gcs_address
+            if address not in (None, "auto") and not address.startswith("ray://") and address != current:
+                raise FleetError(f"this process is already connected to the Ray cluster at {current}, not {address}")
+        else:
             kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "configure_logging": False}
             try:
                 try:
