@@ -131,7 +131,8 @@ def _fleet_parser(commands: Any) -> None:
 
 
 def _fleet_backend_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", choices=["docker", "ray"], default="docker", help="docker (containers and swarm services) or ray (actors)")
+    parser.add_argument("--backend", choices=["docker", "ray"], default="docker",
+                        help="docker (containers and swarm services) or ray (actors)")
     parser.add_argument("--ray-address", help="backend ray: the cluster (default: 'auto', the one this machine is part of)")
 
 

@@ -29,7 +29,6 @@ import contextlib
 import os
 import secrets
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ ACTOR_PREFIX = "envfleet-"
 INSTALL_HINT = "pip install 'envfleet[ray]'"
 _DEFAULT_GCS_PORT = 6379
 _DEFAULT_CLIENT_PORT = 10001
-_KILL_GRACE = 2.0  # seconds an actor gets to stop its server before ray.kill
+_KILL_GRACE = 3.0  # seconds the actor gets to stop its server (it waits 2 s) before ray.kill
 
 
 def import_ray() -> ModuleType:
@@ -143,88 +142,20 @@ def _connected(address: str | None, timeout: float = 10.0) -> Iterator[ModuleTyp
 # --------------------------------------------------------------------------- the actor
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
-    """In the server child before exec: get SIGKILL when the actor process dies (Linux)."""
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-
-
-class EnvServerActor:
-    """One envserver process on the actor's node; its standard input is the token, then a lifeline."""
-
-    def __init__(self, pool: str, index: int) -> None:
-        import ray
-
-        self.pool, self.index = pool, index
-        self.job = ray.get_runtime_context().get_job_id()
-        self.node_ip = ray.util.get_node_ip_address()
-        self.process: Any = None
-        self.log: Any = None
-        self.url = ""
-
-    def start(self, server_args: list[str], token: str, timeout: float) -> str:
-        """Start envserver on this node's IP with ``token`` on its stdin; return its URL once listening."""
-        import select
-        import subprocess
-        import tempfile
-
-        env = {k: v for k, v in os.environ.items() if k != "ENVSERVER_TOKEN"}
-        argv = [sys.executable, "-m", "envserver", "--host", self.node_ip, "--port", "0",
-                "--exit-with-stdin", "--no-web", "--token-file", "-", *server_args]
-        self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, env=env,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-        self.process.stdin.write(token.encode() + b"\n")
-        self.process.stdin.flush()  # the pipe stays open: its end tells the server to stop
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        line = self.process.stdout.readline().decode(errors="replace") if ready else ""
-        if not line.startswith("envserver ") or "http://" not in line:
-            self.stop()
-            self.log.seek(0)
-            detail = self.log.read().decode(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"envserver did not start on {self.node_ip}: {' | '.join(detail) or 'no output'}")
-        self.url = line.split()[-1]
-        return self.url
-
-    def describe(self) -> dict[str, Any]:
-        """What ``rollout fleet ls`` shows of this actor."""
-        pid = self.process.pid if self.process is not None else None
-        alive = self.process is not None and self.process.poll() is None
-        return {"pool": self.pool, "index": self.index, "job": self.job, "node": self.node_ip,
-                "pid": pid, "url": self.url, "server_alive": alive}
-
-    def pid(self) -> int:
-        return int(self.process.pid)
-
-    def stop(self) -> None:
-        """Terminate the server (SIGKILL after 2 s) and reap it."""
-        import subprocess
-
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(_KILL_GRACE)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        for pipe in (process.stdin, process.stdout):
-            pipe.close()
-
-
 _remote_class: Any = None
 
 
 def _actor_class() -> Any:
+    """``EnvServerActor`` as a Ray actor class, shipped by value: its workers never import ``rollout``."""
     global _remote_class
     if _remote_class is None:
-        _remote_class = import_ray().remote(max_restarts=0)(EnvServerActor)  # one thread: the server's PDEATHSIG follows it
+        ray = import_ray()
+        from ray import cloudpickle
+
+        from . import ray_actor
+
+        cloudpickle.register_pickle_by_value(ray_actor)
+        _remote_class = ray.remote(max_restarts=0)(ray_actor.EnvServerActor)  # one thread: the PDEATHSIG follows it
     return _remote_class
 
 
@@ -338,7 +269,8 @@ class RayFleet(FleetBackend):
             self._starting.discard(server)
             await self._kill(server)
             reason = "its server did not become healthy" if server.url else await asyncio.to_thread(self._unplaced_reason)
-            raise FleetError(f"ray actor {name} not ready within {self.config.start_timeout:g} s: {reason}", server=server.url or None) from exc
+            message = f"ray actor {name} not ready within {self.config.start_timeout:g} s: {reason}"
+            raise FleetError(message, server=server.url or None) from exc
         except (self._ray.exceptions.RayError, ConnectionError, OSError) as exc:
             self._starting.discard(server)
             await self._kill(server)
@@ -367,7 +299,7 @@ class RayFleet(FleetBackend):
         assert self._ray is not None
         with contextlib.suppress(self._ray.exceptions.RayError, asyncio.TimeoutError, TimeoutError):
             if server.url:
-                await asyncio.wait_for(_ray_call(server.actor.stop), _KILL_GRACE + 1.0)
+                await asyncio.wait_for(_ray_call(server.actor.stop), _KILL_GRACE)
         with contextlib.suppress(self._ray.exceptions.RayError, ValueError):
             await asyncio.to_thread(self._ray.kill, server.actor, no_restart=True)
 

@@ -83,7 +83,8 @@ async def test_kuhn_poker_trajectories_equal_the_local_backends(cluster: str) ->
             rng = random.Random(seed)
 
             def act(observation: Any) -> int:
-                steps.append((observation.text, tuple(observation.legal_actions), observation.current_player_id, tuple(observation.rewards)))
+                steps.append((observation.text, tuple(observation.legal_actions), observation.current_player_id,
+                              tuple(observation.rewards)))
                 return rng.choice(observation.legal_actions)
 
             return act
