@@ -3,8 +3,8 @@
 usage: python loadtests/scale_out.py [--replicas 128] [--n 4096] [--seconds 10] [--warmup 2]
                                      [--backends swarm,docker] [--image envfleet:latest]
                                      [--max-seconds 1500] [--out loadtests/out/scale_out.json]
-       python loadtests/scale_out.py --backend ray [--counts 8,32,64] [--n 1024] [--seconds 5]
-                                     [--out loadtests/out/scale_out_ray.json]
+       python loadtests/scale_out.py --backend ray [--counts 8,32,64] [--rounds 2] [--n 1024]
+                                     [--seconds 5] [--out loadtests/out/scale_out_ray.json]
 
 With ``--backend ray`` (issue 17), see ``run_ray``: K server actors on a local Ray cluster against K
 local server processes, for each K of ``--counts``, in the same run.
@@ -229,19 +229,22 @@ async def run_ray(args: argparse.Namespace) -> int:
     try:
         async with asyncio.timeout(args.max_seconds):
             for count in counts:
-                for backend in ("ray", "local"):
-                    rows.append(await _measure_pool(backend, count, args))
+                for round_ in range(args.rounds):  # ABBA order: neither backend always runs at the later load
+                    for backend in ("ray", "local") if round_ % 2 == 0 else ("local", "ray"):
+                        rows.append({**await _measure_pool(backend, count, args), "round": round_})
     finally:
         ray.shutdown()
         summary: dict[str, Any] = {"ray_init_s": ray_init_s}
-        by = {(r["backend"], r["servers"]): r for r in rows}
         for count in counts:
-            ray_row, local_row = by.get(("ray", count), {}), by.get(("local", count), {})
-            if "healthy_s" in ray_row:
-                summary[f"ray_healthy_s_{count}"] = ray_row["healthy_s"]
+            ray_rows = [r for r in rows if r["backend"] == "ray" and r["servers"] == count and "healthy_s" in r]
+            local_rows = [r for r in rows if r["backend"] == "local" and r["servers"] == count and "healthy_s" in r]
+            if ray_rows:
+                summary[f"ray_healthy_s_{count}"] = max(r["healthy_s"] for r in ray_rows)  # the worst round
             for mode in ("per-env", "batched"):
-                if mode in ray_row and mode in local_row:
-                    summary[f"ray_vs_local_{mode}_{count}"] = ray_row[mode]["steps_per_s"] / local_row[mode]["steps_per_s"]
+                ray_rate = [r[mode]["steps_per_s"] for r in ray_rows if mode in r]
+                local_rate = [r[mode]["steps_per_s"] for r in local_rows if mode in r]
+                if ray_rate and local_rate:  # mean over the rounds
+                    summary[f"ray_vs_local_{mode}_{count}"] = statistics.mean(ray_rate) / statistics.mean(local_rate)
         if f"ray_healthy_s_{max(counts)}" in summary and max(counts) >= 64:
             summary["target_64_healthy_30s"] = summary[f"ray_healthy_s_{max(counts)}"] <= 30.0
         ratios = [v for k, v in summary.items() if k.startswith("ray_vs_local_per-env")]
@@ -309,6 +312,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", default=None, help=f"default {OUT} (--backend ray: scale_out_ray.json beside it)")
     parser.add_argument("--backend", choices=["ray"], help="ray: Ray server actors against local servers (--counts)")
     parser.add_argument("--counts", default="8,32,64", help="--backend ray: server counts to measure")
+    parser.add_argument("--rounds", type=int, default=2, help="--backend ray: measurements of each backend per count")
     parser.add_argument("--ray-cpus", type=float, default=1.0, help="--backend ray: num_cpus of each server actor")
     args = parser.parse_args()
     if args.out is None:

@@ -8,6 +8,7 @@ and the servers stop by themselves. ``stop()`` terminates and reaps them explici
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import sys
@@ -124,7 +125,8 @@ async def _terminate(server: _Server, grace: float = 5.0) -> None:
         except ProcessLookupError:
             pass
         except asyncio.TimeoutError:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):  # it exited meanwhile (uvloop raises then)
+                process.kill()
             await process.wait()
     if process.stdin is not None:
         process.stdin.close()
