@@ -31,7 +31,8 @@ class EnvServerActor:
         import ray
 
         self.pool, self.index = pool, index
-        self.job = ray.get_runtime_context().get_job_id()
+        context = ray.get_runtime_context()
+        self.job, self.node_id = context.get_job_id(), context.get_node_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -62,7 +63,7 @@ class EnvServerActor:
     def describe(self) -> dict[str, Any]:
         """What ``rollout fleet ls`` shows of this actor."""
         process = self.process
-        return {"pool": self.pool, "index": self.index, "job": self.job, "node": self.node_ip,
+        return {"pool": self.pool, "index": self.index, "job": self.job, "node": self.node_ip, "node_id": self.node_id,
                 "pid": process.pid if process else None, "url": self.url,
                 "server_alive": process is not None and process.poll() is None}
 

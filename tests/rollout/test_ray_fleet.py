@@ -39,13 +39,23 @@ ROLLOUT = str(Path(sys.executable).with_name("rollout"))
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[str]:
-    """A local Ray cluster with room for a few dozen light server actors; its GCS address."""
-    ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False, configure_logging=False, namespace="envfleet-tests")
+def ray_cluster() -> Iterator[Any]:
+    """A local Ray cluster (one head node with room for a few dozen light server actors), this process its driver."""
+    from ray.cluster_utils import Cluster
+
+    local = Cluster(initialize_head=True, head_node_args={"num_cpus": 16, "include_dashboard": False})
     try:
-        yield ray.get_runtime_context().gcs_address
+        ray.init(address=local.address, log_to_driver=False, configure_logging=False, namespace="envfleet-tests")
+        yield local
     finally:
         ray.shutdown()
+        local.shutdown()
+
+
+@pytest.fixture
+def cluster(ray_cluster: Any) -> str:
+    """The GCS address of the module's cluster."""
+    return str(ray_cluster.address)
 
 
 def envfleet_actors(pool_id: str = "") -> list[str]:
@@ -61,6 +71,24 @@ def live(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return False
+
+
+def descendants(pids: list[int]) -> list[int]:
+    """Every live descendant of ``pids``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(pids)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
@@ -200,6 +228,39 @@ async def test_an_actor_killed_every_second_loses_duplicates_and_changes_nothing
     wait_until(lambda: not any(live(pid) for pid in pids), 5.0, "every server, killed or not, is gone")
 
 
+@pytest.mark.slow
+async def test_a_node_whose_processes_die_fails_its_calls_fast_and_its_server_moves_to_a_new_node(ray_cluster: Any) -> None:
+    doomed = ray_cluster.add_node(num_cpus=1, resources={"edge": 1})  # only nodes with "edge" take the pool's server
+    pool = ProbedPool(game="catch", backend="ray", servers=1, ray_resources={"edge": 1.0}, start_timeout=60,
+                      config=PoolConfig(n=8, max_episode_retries=5))
+    try:
+        async with pool:
+            backend: Any = pool.backend
+            first = await _ray_call_node(backend.actor(pool.servers[0]))
+            assert first == doomed.node_id
+            run = asyncio.create_task(play(pool, make_policy(0.002), 600, 5))
+            await asyncio.sleep(1.0)
+            lost_at = time.monotonic()
+            doomed_pids = [process.pid for _, process in doomed.live_processes()]
+            for pid in doomed_pids + descendants(doomed_pids):  # the node is gone: all its processes die at once
+                os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(2.0)  # the crashes are seen meanwhile; then another node with room joins
+            new = ray_cluster.add_node(num_cpus=1, resources={"edge": 1})
+            records, _ = await run
+            assert await _ray_call_node(backend.actor(pool.servers[0])) == new.node_id
+    finally:
+        for node in list(ray_cluster.worker_nodes):
+            ray_cluster.remove_node(node)
+    assert sorted(r.episode for r in records) == list(range(600))
+    in_flight = [at for at, exc in pool.crashes if exc.request is not None]
+    assert in_flight and max(in_flight) - lost_at < FAIL_FAST_LIMIT
+
+
+async def _ray_call_node(actor: Any) -> str:
+    """The id of the node an actor runs on."""
+    return str((await actor.describe.remote())["node_id"])
+
+
 # --------------------------------------------------------------------------- a driver that dies
 
 
@@ -241,6 +302,23 @@ def test_reap_removes_what_a_sigkilled_driver_left(cluster: str, detached: bool)
     assert reaped.returncode == 0, reaped.stderr
     wait_until(lambda: envfleet_actors(pool_id) == [], 20.0, f"no actor of pool {pool_id} is left")
     wait_until(lambda: not any(live(p) for p in pids), 10.0, "no envserver process is left")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_pool_kills_its_actors_on_sigint_and_sigterm(cluster: str, sig: signal.Signals) -> None:
+    # detached actors: Ray would not remove them with the driver, so only the pool's own clean-up can
+    with subprocess.Popen([sys.executable, "-c", DRIVER, cluster, "1"], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, cwd=ROOT) as driver:
+        try:
+            line = driver.stdout.readline().split()  # type: ignore[union-attr]
+            assert line, driver.stderr.read()  # type: ignore[union-attr]
+            pool_id, pids = line[0], [int(p) for p in line[1:]]
+            driver.send_signal(sig)
+            driver.wait(30)
+        finally:
+            driver.kill()
+    assert envfleet_actors(pool_id) == []
+    wait_until(lambda: not any(live(p) for p in pids), 5.0, "the servers exit with their actors")
 
 
 # --------------------------------------------------------------------------- bad input
