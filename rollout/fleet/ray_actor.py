@@ -33,6 +33,7 @@ class EnvServerActor:
         self.pool, self.index = pool, index
         context = ray.get_runtime_context()
         self.job, self.node_id = context.get_job_id(), context.get_node_id()
+        self.placement_group = context.get_placement_group_id()
         self.node_ip = ray.util.get_node_ip_address()
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -64,6 +65,7 @@ class EnvServerActor:
         """What ``rollout fleet ls`` shows of this actor."""
         process = self.process
         return {"pool": self.pool, "index": self.index, "job": self.job, "node": self.node_ip, "node_id": self.node_id,
+                "placement_group": self.placement_group,
                 "pid": process.pid if process else None, "url": self.url,
                 "server_alive": process is not None and process.poll() is None}
 

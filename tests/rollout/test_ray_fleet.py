@@ -162,6 +162,20 @@ async def test_pool_start_failure_kills_the_actors_it_started(cluster: str) -> N
     assert envfleet_actors(pool.backend.pool_id) == []  # type: ignore[attr-defined]
 
 
+async def test_actors_go_into_the_placement_group_given(cluster: str) -> None:
+    group = ray.util.placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    await group.ready()
+    try:
+        async with EnvPool(n=2, game="catch", backend="ray", servers=2, ray_placement_group=group) as pool:
+            backend: Any = pool.backend
+            rows = [await backend.actor(url).describe.remote() for url in pool.servers]
+            assert [row["placement_group"] for row in rows] == [group.id.hex()] * 2
+        with pytest.raises(FleetError, match="not ready within 3 s"):  # the group holds two servers, not three
+            await EnvPool(n=3, game="catch", backend="ray", servers=3, ray_placement_group=group, start_timeout=3).start()
+    finally:
+        ray.util.remove_placement_group(group)
+
+
 # --------------------------------------------------------------------------- faults
 
 
