@@ -204,6 +204,7 @@ class RayFleet(FleetBackend):
         return self._servers[url].pid
 
     async def start(self) -> list[str]:
+        _check_resources(self.config)
         self._ray = import_ray()
         count = self.config.server_count()
         async with self._stopped_if_start_fails():
@@ -212,7 +213,11 @@ class RayFleet(FleetBackend):
                 self.config.start_timeout,
             )
             self._connected = True
-            await asyncio.gather(*(self._spawn() for _ in range(count)))
+            # every spawn runs to its end (each is bounded by start_timeout), so none registers an actor after stop()
+            results = await asyncio.gather(*(self._spawn() for _ in range(count)), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
         return self.urls
 
     async def replace(self, url: str) -> str:
@@ -254,13 +259,14 @@ class RayFleet(FleetBackend):
         deadline = time.monotonic() + self.config.start_timeout
         try:
             actor = _actor_class().options(**self._options(name)).remote(self.pool_id, index)
-        except ValueError as exc:  # bad resources or placement group
+        except (ValueError, TypeError) as exc:  # bad resources or placement group
             raise FleetError(f"ray actor {name}: {exc}") from exc
         server = _Server(index, name, actor)
         self._starting.add(server)
         try:
             remaining = max(0.1, deadline - time.monotonic())
-            server.url = await asyncio.wait_for(_ray_call(actor.start, self.config.server_args(), self.token, remaining), remaining)
+            server_timeout = max(0.1, remaining - 1.0)  # the actor's own error, if its server fails, comes first
+            server.url = await asyncio.wait_for(_ray_call(actor.start, self.config.server_args(), self.token, server_timeout), remaining)
             server.pid = await asyncio.wait_for(_ray_call(actor.pid), max(0.1, deadline - time.monotonic()))
             server.node = urlsplit(server.url).hostname or ""
             async with aiohttp.ClientSession() as http:
@@ -287,6 +293,9 @@ class RayFleet(FleetBackend):
         """Why an actor may not have been placed: what it asks for against what the nodes have."""
         assert self._ray is not None
         wanted = {"CPU": self.config.ray_cpus, **self.config.ray_resources}
+        group = self.config.ray_placement_group
+        if group is not None:
+            return f"it asks for {_format(wanted)} in placement group {group.id.hex()}, which has no bundle with room left"
         nodes = [n.get("Resources", {}) for n in self._ray.nodes() if n.get("Alive")]
         if not any(all(res.get(k, 0.0) >= v for k, v in wanted.items()) for res in nodes):
             offered = "; ".join(", ".join(f"{k}={v:g}" for k, v in sorted(r.items()) if not k.startswith("node:")) for r in nodes)
@@ -302,6 +311,17 @@ class RayFleet(FleetBackend):
                 await asyncio.wait_for(_ray_call(server.actor.stop), _KILL_GRACE)
         with contextlib.suppress(self._ray.exceptions.RayError, ValueError):
             await asyncio.to_thread(self._ray.kill, server.actor, no_restart=True)
+
+
+def _check_resources(config: FleetConfig) -> None:
+    """``FleetError`` unless ``ray_cpus`` and ``ray_resources`` are non-negative numbers (Ray's own errors are cryptic)."""
+    requests = {"ray_cpus": config.ray_cpus, **{f"ray_resources[{k!r}]": v for k, v in dict(config.ray_resources).items()}}
+    for name, value in requests.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise FleetError(f"{name} must be a non-negative number, not {value!r}")
+    for key in config.ray_resources:
+        if not isinstance(key, str) or key in ("CPU", "GPU"):
+            raise FleetError(f"ray_resources: {key!r} is not a custom resource name (CPUs are ray_cpus)")
 
 
 async def _ray_call(method: Any, *args: Any) -> Any:

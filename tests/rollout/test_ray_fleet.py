@@ -170,7 +170,8 @@ async def test_actors_go_into_the_placement_group_given(cluster: str) -> None:
             backend: Any = pool.backend
             rows = [await backend.actor(url).describe.remote() for url in pool.servers]
             assert [row["placement_group"] for row in rows] == [group.id.hex()] * 2
-        with pytest.raises(FleetError, match="not ready within 3 s"):  # the group holds two servers, not three
+        full = "not ready within 3 s: .* in placement group .* no bundle with room"  # it holds two servers, not three
+        with pytest.raises(FleetError, match=full):
             await EnvPool(n=3, game="catch", backend="ray", servers=3, ray_placement_group=group, start_timeout=3).start()
     finally:
         ray.util.remove_placement_group(group)
@@ -359,6 +360,20 @@ async def test_resources_no_node_has_are_a_fleet_error_within_the_start_timeout(
 async def test_more_cpus_than_are_free_is_a_fleet_error_naming_what_is_free(cluster: str) -> None:
     with pytest.raises(FleetError, match="asks for CPU=15 and the cluster has CPU=.* free"):
         await EnvPool(n=2, backend="ray", servers=2, ray_cpus=15, start_timeout=3).start()
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"ray_cpus": -1.0}, "ray_cpus must be a non-negative number, not -1.0"),
+    ({"ray_cpus": float("nan")}, "ray_cpus must be a non-negative number, not nan"),
+    ({"ray_resources": {"CPU": 2.0}}, "'CPU' is not a custom resource name"),
+    ({"ray_resources": {"edge": "lots"}}, r"ray_resources\['edge'\] must be a non-negative number, not 'lots'"),
+    ({"ray_resources": {"edge": 0.000001}}, "precision"),  # Ray's own check, passed on
+], ids=["negative-cpus", "nan-cpus", "cpu-as-custom-resource", "non-numeric-resource", "too-fine"])
+async def test_bad_actor_options_are_a_fleet_error_and_start_nothing(cluster: str, fields: dict[str, Any], message: str) -> None:
+    pool = EnvPool(n=1, backend="ray", servers=2, start_timeout=10, **fields)
+    with pytest.raises(FleetError, match=message):
+        await pool.start()
+    assert envfleet_actors(pool.backend.pool_id) == []  # type: ignore[union-attr]
 
 
 BLOCK_RAY = """
