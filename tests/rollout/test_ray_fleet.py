@@ -387,6 +387,9 @@ sys.meta_path.insert(0, NoRay())
 
 
 def test_without_ray_the_backend_names_the_extra_and_import_rollout_stays_light(tmp_path: Path) -> None:
+    installed = subprocess.run([sys.executable, "-c", "import sys, rollout, rollout.fleet; sys.exit('ray' in sys.modules)"],
+                               capture_output=True, text=True, timeout=60)
+    assert installed.returncode == 0, "import rollout imported ray although no pool asked for it"
     (tmp_path / "sitecustomize.py").write_text(BLOCK_RAY)
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     code = textwrap.dedent("""
