@@ -312,6 +312,8 @@ def test_reap_removes_what_a_sigkilled_driver_left(cluster: str, detached: bool)
     if detached:  # they outlive the driver, as asked, until reaped
         time.sleep(1.0)
         assert len(envfleet_actors(pool_id)) == 2
+    else:  # owned by the driver's job: Ray removes them with it, before any reap
+        wait_until(lambda: envfleet_actors(pool_id) == [], 20.0, f"Ray removes the actors of pool {pool_id} with its driver")
     reaped = subprocess.run([ROLLOUT, "fleet", "reap", "--backend", "ray", "--ray-address", cluster],
                             capture_output=True, text=True, timeout=60)
     assert reaped.returncode == 0, reaped.stderr
