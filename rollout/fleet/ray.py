@@ -353,7 +353,7 @@ def reap(address: str | None = None, *, everything: bool = False, timeout: float
     """Kill the envfleet actors whose driver is gone (``everything``: all of them); return their names."""
     with _connected(address, timeout) as ray:
         removed = []
-        for row in _list(ray, timeout):
+        for row in _list(ray, timeout, jobs=not everything):
             if everything or row["orphaned"]:
                 with contextlib.suppress(ValueError, ray.exceptions.RayError):
                     ray.kill(ray.get_actor(row["name"], namespace=NAMESPACE), no_restart=True)
@@ -361,10 +361,10 @@ def reap(address: str | None = None, *, everything: bool = False, timeout: float
         return removed
 
 
-def _list(ray: ModuleType, timeout: float) -> list[dict[str, Any]]:
+def _list(ray: ModuleType, timeout: float, *, jobs: bool = True) -> list[dict[str, Any]]:
     names = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                    if a.get("namespace") == NAMESPACE and a.get("name", "").startswith(ACTOR_PREFIX))
-    jobs = _live_jobs()
+    live = _live_jobs() if jobs else set()
     rows = []
     for name in names:
         row: dict[str, Any] = {"name": name, "pool": name[len(ACTOR_PREFIX):].rpartition("-")[0]}
@@ -375,7 +375,7 @@ def _list(ray: ModuleType, timeout: float) -> list[dict[str, Any]]:
         except (ValueError, ray.exceptions.RayError) as exc:  # gone meanwhile, dead, or still pending
             row["state"] = "unreachable"
             row["error"] = type(exc).__name__
-        row["orphaned"] = row.get("job") not in jobs
+        row["orphaned"] = row.get("job") not in live if jobs else None
         rows.append(row)
     return rows
 
@@ -386,6 +386,9 @@ def _live_jobs() -> set[str]:
     Read from the GCS through ``ray._private.state``: the public state API (``ray.util.state``)
     needs the dashboard, which plain ``ray`` (without ``[default]``) does not run.
     """
-    from ray._private import state
+    try:
+        from ray._private import state
 
-    return {job["JobID"] for job in state.jobs() if not job.get("IsDead")}
+        return {job["JobID"] for job in state.jobs() if not job.get("IsDead")}
+    except (ImportError, AttributeError, KeyError) as exc:  # a private API: say so if a Ray release moves it
+        raise FleetError(f"cannot read the cluster's jobs from this Ray version ({exc!r}); `reap --all` still works") from exc
