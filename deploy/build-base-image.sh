@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build the local Debian base image (python3 3.11 on bookworm) without any
-# image registry: debootstrap a minimal root fs from the configured Debian
-# mirror and `docker import` it. Skips when the image already exists.
+# Build the local Debian base image (python3 3.11 on bookworm, bubblewrap for
+# the Python sandbox's namespaces) without any image registry: debootstrap a
+# minimal root fs from the configured Debian mirror and `docker import` it.
+# Skips when the image already exists and has bubblewrap.
 #
 # usage: deploy/build-base-image.sh [IMAGE]     (default envfleet-base:bookworm)
 # env:   MIRROR=<debian mirror URL>  FORCE=1 (rebuild even if present)
@@ -11,8 +12,11 @@ IMAGE=${1:-envfleet-base:bookworm}
 SUITE=bookworm
 
 if [[ "${FORCE:-0}" != 1 ]] && docker image inspect "$IMAGE" >/dev/null 2>&1; then
-  echo "base image $IMAGE exists, skipping"
-  exit 0
+  if docker run --rm --network none "$IMAGE" test -x /usr/bin/bwrap; then
+    echo "base image $IMAGE exists, skipping"
+    exit 0
+  fi
+  echo "base image $IMAGE has no bubblewrap (built before it was added): rebuilding"
 fi
 
 for tool in debootstrap docker; do
@@ -37,8 +41,9 @@ trap 'rm -rf "$ROOTFS"' EXIT
 
 start=$SECONDS
 echo "debootstrap $SUITE from $MIRROR into $ROOTFS"
-# python3-venv brings ensurepip's bundled pip, enough to install the wheelhouse.
-debootstrap --variant=minbase --include=python3,python3-venv \
+# python3-venv brings ensurepip's bundled pip, enough to install the wheelhouse;
+# bubblewrap puts each Python sandbox in namespaces of its own (envserver/envs/sandbox_isolation.py).
+debootstrap --variant=minbase --include=python3,python3-venv,bubblewrap \
   "$SUITE" "$ROOTFS" "$MIRROR" >"$ROOTFS.log" 2>&1 || {
     tail -20 "$ROOTFS.log" >&2; rm -f "$ROOTFS.log"; exit 1; }
 rm -f "$ROOTFS.log"

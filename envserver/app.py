@@ -13,7 +13,7 @@ from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
 from . import openenv_http as http
-from .auth import TokenAuth
+from .auth import LoopbackHostCheck, OriginCheck, TokenAuth, is_loopback
 from .config import ServerConfig
 from .metrics import metrics_endpoint
 from .mux import mux_endpoint
@@ -32,7 +32,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 def create_app(config: ServerConfig | None = None) -> Starlette:
-    """Build the ASGI app for ``config`` (loads the environment class now, so errors show at start)."""
+    """Build the ASGI app for ``config`` (loads the environment classes now, so errors show at start)."""
     config = config or ServerConfig()
     server = EnvServer(config)
 
@@ -68,4 +68,7 @@ def create_app(config: ServerConfig | None = None) -> Starlette:
     app.state.server = server
     if config.token:
         app.add_middleware(TokenAuth, token=config.token)
+    elif is_loopback(config.host):
+        app.add_middleware(LoopbackHostCheck)  # no token to stop DNS rebinding
+    app.add_middleware(OriginCheck, allowed=config.allow_origins)  # added last: runs first
     return app

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, ClassVar, Generic, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from .errors import ServerError
 from .protocol import ErrorCode, StepResult, convert, flat_tensors
+
+if TYPE_CHECKING:
+    from .columns import ColumnBatch, ColumnSpec
 
 A = TypeVar("A")
 O = TypeVar("O")
@@ -19,6 +23,8 @@ class Environment(abc.ABC, Generic[A, O, S]):
     Subclasses declare their wire types (``Action``, ``Observation``, ``State``
     msgspec Structs), a ``name`` and a ``description``. ``blocking = True`` makes
     the server call them in a worker thread instead of on the event loop.
+    ``session_options`` names the options a client may set per session (in ``open`` and
+    ``reset``); the server refuses any other, which only its operator may set.
     Errors meant for the client are raised as ``ServerError`` with a code.
     """
 
@@ -28,6 +34,7 @@ class Environment(abc.ABC, Generic[A, O, S]):
     Observation: ClassVar[type]
     State: ClassVar[type]
     blocking: ClassVar[bool] = False
+    session_options: ClassVar[frozenset[str]] = frozenset()  # client-settable options; the rest is the operator's
     tools: ClassVar[dict[str, str]] = {}  # MCP tools this environment offers: name -> description
 
     @abc.abstractmethod
@@ -61,3 +68,25 @@ class Environment(abc.ABC, Generic[A, O, S]):
     def openenv_observation(self, observation: O) -> Any:
         """The observation as OpenEnv clients expect it (by default: tensors as flat lists)."""
         return flat_tensors(observation)
+
+    # -- columnar batches (``vstep``/``vreset`` on the mux); see envserver/columns.py
+
+    def column_spec(self) -> ColumnSpec | None:
+        """The observation shape and discrete action count of this env's batch rows (None: learn the shape, no mask)."""
+        return None
+
+    @classmethod
+    def write_batch(cls, envs: Sequence[Any], actions: Sequence[int], batch: ColumnBatch, resets: Mapping[int, int | None]) -> None:
+        """Reset ``envs[i]`` with seed ``resets[i]`` where given, else step it with ``actions[i]``; write row i of ``batch``.
+
+        This generic version steps through the typed API; environments override it to write rows in place.
+        A row that raises is recorded with ``batch.fail`` and the others go on.
+        """
+        for row, env in enumerate(envs):
+            try:
+                if row in resets:
+                    batch.put(row, env.reset(seed=resets[row]))
+                else:
+                    batch.put(row, env.step(env.parse_action(actions[row])))
+            except Exception as exc:
+                batch.fail(row, exc)

@@ -1,7 +1,8 @@
 """``GET /metrics``: the server's counters in Prometheus' text exposition format (version 0.0.4).
 
 Sessions come from the ``SessionTable``, request and frame counters from ``EnvServer.stats``,
-and the mux's per-request latency from a ``Histogram`` the mux feeds once per frame.
+and the mux's per-request latency from a ``Histogram`` the mux feeds once per frame (and once
+per request of a blocking environment, when it finishes).
 """
 
 from __future__ import annotations
@@ -97,8 +98,8 @@ def render(server: EnvServer) -> str:
     name = "envserver_mux_request_seconds"
     histogram = mux_latency(server)
     lines.append(
-        f"# HELP {name} Time the mux spent on each request of a frame (frame handling time / requests in it;"
-        " excludes worker-thread time of blocking environments)."
+        f"# HELP {name} Time the mux spent on each request: inline requests are charged their frame's handling"
+        " time / the requests in it; a request of a blocking environment, its whole time until its answer is ready."
     )
     lines.append(f"# TYPE {name} histogram")
     for le, count in histogram.cumulative():

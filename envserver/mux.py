@@ -3,7 +3,10 @@
 A frame is a list of requests; requests for cheap environments are answered inline in
 one pass and their replies leave as one frame (a many-request's reply leaves as soon as
 it is ready). Requests for blocking environments run in worker threads (in order per
-session) and their replies follow as they finish.
+session) and their replies follow as they finish; at most ``max_blocking_per_connection``
+of them are in flight per connection, and past that a request is answered
+``CAPACITY_REACHED``. A frame over the size limit is answered ``FRAME_TOO_LARGE`` for each
+request it holds. The connection's sessions count as used whenever it sends a frame.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from .columns import VectorSessions
 from .errors import ServerError
 from .metrics import mux_latency
 from .protocol import (
@@ -34,6 +38,8 @@ from .protocol import (
     ResetMany,
     Step,
     StepMany,
+    VecReset,
+    VecStep,
     msgpack_encoder,
     mux_request_decoder,
 )
@@ -42,7 +48,17 @@ from .sessions import Session
 
 log = logging.getLogger("envserver.mux")
 
-_MANY = (StepMany, ResetMany)
+_MANY = (StepMany, ResetMany, VecStep, VecReset)
+
+
+class _Head(msgspec.Struct, array_like=True):
+    """The op and id of a request, read without the rest (to name the requests of a refused frame)."""
+
+    op: str
+    id: int
+
+
+_heads_decoder = msgspec.msgpack.Decoder(list[_Head])
 
 
 class MuxConnection:
@@ -57,7 +73,10 @@ class MuxConnection:
         self._tasks: set[asyncio.Task[None]] = set()
         self._prefix = f"m{id(self):x}:"
         self._now = time.monotonic()  # one clock read per frame marks its sessions used
+        self.last_seen = self._now  # the client's last sign of life (a frame): keeps its sessions alive
+        self._blocking = 0  # calls of blocking envs in flight
         self._latency = mux_latency(server)
+        self._vector = VectorSessions(self._live)  # vstep / vreset
 
     async def serve(self) -> None:
         writer = asyncio.create_task(self._write_forever())
@@ -96,8 +115,7 @@ class MuxConnection:
         last = len(requests) - 1
         start, count = time.perf_counter(), 0
         for index, request in enumerate(requests):
-            self._handle(request)
-            count += 1
+            count += self._handle(request)  # blocking envs' requests are timed when they finish
             if index < last and type(request) in _MANY:
                 self._latency.observe_frame(time.perf_counter() - start, count)
                 if not await self._flush():
@@ -111,9 +129,9 @@ class MuxConnection:
         stats = self.server.stats
         stats.frames_in += 1
         stats.bytes_in += len(data)
-        self._now = time.monotonic()
+        self._now = self.last_seen = time.monotonic()
         if len(data) > self.server.config.max_frame_bytes:
-            self._error(0, ErrorCode.FRAME_TOO_LARGE, f"frame of {len(data)} bytes exceeds {self.server.config.max_frame_bytes}")
+            self._refuse_frame(data)
             return []
         try:
             return mux_request_decoder.decode(data)
@@ -122,6 +140,16 @@ class MuxConnection:
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:  # the last two: bad utf-8, deep nesting
             self._error(0, ErrorCode.INVALID_JSON, f"frame is not valid msgpack: {exc}")
             return []
+
+    def _refuse_frame(self, data: bytes) -> None:
+        """Answer every request of an oversized frame with FRAME_TOO_LARGE (id 0 if they cannot be read)."""
+        message = f"frame of {len(data)} bytes exceeds the limit of {self.server.config.max_frame_bytes} bytes"
+        try:
+            heads = _heads_decoder.decode(data)
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            heads = []
+        for head in heads or [_Head("", 0)]:
+            self._error(head.id, ErrorCode.FRAME_TOO_LARGE, f"request {head.id} ({head.op}): {message}" if head.id else message)
 
     def _salvage(self, data: bytes) -> list[MuxRequest]:
         """Decode a frame with bad requests one by one: answer each bad one, keep the good ones."""
@@ -145,24 +173,28 @@ class MuxConnection:
                     self._error(rid, ErrorCode.VALIDATION_ERROR, f"bad request: {exc}")
         return good
 
-    def _handle(self, request: MuxRequest) -> None:
+    def _handle(self, request: MuxRequest) -> bool:
+        """Answer ``request`` now, or start it in a worker thread (blocking envs; then False)."""
         rid = request.id
         kind = type(request)
         try:
             if kind is Open:
                 self._open(request)  # type: ignore[arg-type]
-                return
+                return True
             if kind is StepMany or kind is ResetMany:
-                self._many(request)  # type: ignore[arg-type]
-                return
+                return self._many(request)  # type: ignore[arg-type]
             if kind is Ping:
                 self._outbox.append(Reply(rid, True, None))
-                return
+                return True
+            if kind is VecStep or kind is VecReset:
+                self._columns(request)  # type: ignore[arg-type]
+                return True
             session = self._live(request.sid)  # type: ignore[union-attr]
             env = session.env
             if env.blocking:
+                self._reserve(1)
                 self._spawn(request, session)
-                return
+                return False
             if kind is Step:  # the hot path
                 self.server.stats.steps += 1
                 result = env.step(env.parse_action(request.action))  # type: ignore[union-attr]
@@ -171,6 +203,17 @@ class MuxConnection:
             self._outbox.append(Reply(rid, True, result))
         except Exception as exc:
             self._outbox.append(Reply(rid, False, self._failure(exc)))
+        return True
+
+    def _reserve(self, calls: int) -> None:
+        """Count ``calls`` more blocking calls in flight, or refuse them past the connection's bound."""
+        limit = self.server.config.max_blocking_per_connection
+        if self._blocking + calls > limit:
+            raise ServerError(
+                ErrorCode.CAPACITY_REACHED,
+                f"connection has {self._blocking} calls of blocking environments in flight, the limit is {limit}; retry after some finish",
+            )
+        self._blocking += calls
 
     def _live(self, sid: int) -> Session:
         """The open session ``sid``, marked used by this frame."""
@@ -183,18 +226,13 @@ class MuxConnection:
         session.last_used = self._now
         return session
 
-    def _many(self, request: StepMany | ResetMany) -> None:
-        """Answer a many-request with one ``Batch``: cheap envs inline, blocking ones in one task."""
+    def _many(self, request: StepMany | ResetMany) -> bool:
+        """Answer a many-request with one ``Batch``: cheap envs inline (True), blocking ones in one task (False)."""
         stepping = type(request) is StepMany
         args = request.actions if stepping else request.seeds  # type: ignore[union-attr]
         sids = request.sids
         if len(args) != len(sids):
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"{len(sids)} sids but {len(args)} {'actions' if stepping else 'seeds'}")
-        stats = self.server.stats
-        if stepping:
-            stats.steps += len(sids)
-        else:
-            stats.resets += len(sids)
         options = None if stepping else request.options  # type: ignore[union-attr]
         results: list[Any] = []
         failures: dict[int, ErrorInfo] = {}
@@ -204,18 +242,25 @@ class MuxConnection:
                 session = self._live(sid)
                 env = session.env
                 if env.blocking:
+                    self._reserve(1)
                     deferred.append((index, session))
                     results.append(None)
                 elif stepping:
                     results.append(env.step(env.parse_action(args[index])))
                 else:
-                    results.append(env.reset(seed=args[index], options=options))
+                    results.append(self.server.reset_now(env, args[index], options))
             except Exception as exc:
                 results.append(None)
                 failures[index] = self._failure(exc)
+        stats = self.server.stats  # EnvServer.step and .reset count the deferred ones
+        if stepping:
+            stats.steps += len(sids) - len(deferred)
+        else:
+            stats.resets += len(sids) - len(deferred)
         if not deferred:
             self._outbox.append(Reply(request.id, True, Batch(results, failures)))
-            return
+            return True
+        started = time.perf_counter()
 
         # Start the calls now, not inside ``finish``: each queues on its session before any later request does.
         calls = [
@@ -224,16 +269,32 @@ class MuxConnection:
         ]
 
         async def finish() -> None:
-            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            try:
+                outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            finally:
+                self._blocking -= len(calls)
             for (index, _), outcome in zip(deferred, outcomes):
                 if isinstance(outcome, Exception):
                     failures[index] = self._failure(outcome)
                 else:
                     results[index] = outcome
+            self._latency.observe(time.perf_counter() - started)
             self._outbox.append(Reply(request.id, True, Batch(results, failures)))
             self._wakeup.set()
 
         self._track(asyncio.create_task(finish()))
+        return False
+
+    def _columns(self, request: VecStep | VecReset) -> None:
+        """Answer a columnar batch with one reply of packed arrays (envserver/columns.py)."""
+        columns = self._vector.handle(request)
+        stats = self.server.stats
+        if type(request) is VecStep:
+            stats.steps += len(request.sids)
+        else:
+            stats.resets += len(request.sids)
+        stats.errors += len(columns.failures)
+        self._outbox.append(Reply(request.id, True, columns))
 
     def _failure(self, exc: Exception) -> ErrorInfo:
         error = coded(exc)
@@ -247,7 +308,7 @@ class MuxConnection:
         match request:
             case Reset(seed=seed, options=options):
                 self.server.stats.resets += 1
-                return env.reset(seed=seed, options=options)
+                return self.server.reset_now(env, seed, options)
             case GetState():
                 return env.state()
             case Close():
@@ -269,6 +330,8 @@ class MuxConnection:
         raise ServerError(ErrorCode.UNKNOWN_TYPE, f"unknown op in {request!r}")
 
     def _spawn(self, request: MuxRequest, session: Session) -> None:
+        started = time.perf_counter()
+
         async def run() -> None:
             try:
                 # Await first: the writer swaps ``_outbox`` meanwhile, so look it up only afterwards.
@@ -276,6 +339,9 @@ class MuxConnection:
                 self._outbox.append(Reply(request.id, True, result))
             except Exception as exc:
                 self._outbox.append(Reply(request.id, False, self._failure(exc)))
+            finally:
+                self._blocking -= 1
+            self._latency.observe(time.perf_counter() - started)
             self._wakeup.set()
 
         self._track(asyncio.create_task(run()))
@@ -285,7 +351,10 @@ class MuxConnection:
         task.add_done_callback(self._tasks.discard)
 
     def _open(self, request: Open) -> None:
-        if request.sid in self.sessions:
+        existing = self.sessions.get(request.sid)
+        if existing is not None and existing.closed:  # expired: the client may open it again
+            del self.sessions[request.sid]
+        elif existing is not None:
             raise ServerError(ErrorCode.SESSION_EXISTS, f"session {request.sid} is already open on this connection")
         if len(self.sessions) >= self.server.config.max_sessions_per_connection:
             raise ServerError(
@@ -293,11 +362,13 @@ class MuxConnection:
                 f"connection has {len(self.sessions)} sessions, the limit per connection",
             )
         session = self.server.open_session(f"{self._prefix}{request.sid}", request.env, request.options)
+        session.owner = self
         self.sessions[request.sid] = session
         self._outbox.append(Reply(request.id, True, OpenResult(request.sid, session.env.name)))
 
     def _close(self, sid: int, session: Session) -> None:
         self.sessions.pop(sid, None)
+        self._vector.forget(sid)
         self.server.sessions.close(session)
 
     def _error(self, rid: int, code: ErrorCode, message: str) -> None:

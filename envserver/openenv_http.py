@@ -2,7 +2,8 @@
 
 ``/reset``, ``/step`` and ``/state`` are stateless as in OpenEnv (a fresh environment
 per request) unless the request names a session in the ``X-Session-Id`` header; then
-``/reset`` opens that session if needed and the others use it.
+``/reset`` opens that session if needed and the others use it. ``?env=NAME`` picks one of
+the environments the server serves for a new session (default: the first).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from . import __version__
+from . import __version__, envs
 from .errors import ServerError
 from .mcp import handle_jsonrpc
 from .openenv_ws import openenv_result
@@ -71,8 +72,20 @@ async def health(request: Request) -> Response:
     return json_response(HealthStatus())
 
 
+def _env_class(request: Request) -> Any:
+    """The default environment's class, or that of the registered one named by ``?env=``."""
+    server = _server(request)
+    name = request.query_params.get("env")
+    if name is None or name == server.config.env:
+        return server.env_class
+    return envs.load(name, allow_paths=False)
+
+
 async def metadata(request: Request) -> Response:
-    env_class = _server(request).env_class
+    try:
+        env_class = _env_class(request)
+    except ServerError as exc:
+        return error_response(exc)
     return json_response(
         Metadata(
             name=env_class.name,
@@ -80,12 +93,18 @@ async def metadata(request: Request) -> Response:
             version=__version__,
             env=env_class.name,
             surfaces=["openenv-http", "openenv-ws:/ws", "mux:/v1/mux"],
+            env_class=envs.class_path(env_class),
+            observation_type=envs.class_path(env_class.Observation),
+            state_type=envs.class_path(env_class.State),
         )
     )
 
 
 async def schema(request: Request) -> Response:
-    env_class = _server(request).env_class
+    try:
+        env_class = _env_class(request)
+    except ServerError as exc:
+        return error_response(exc)
     return json_response(
         {
             "action": json_schema(env_class.Action),
@@ -117,11 +136,11 @@ async def reset(request: Request) -> Response:
     body: HttpResetRequest = await read_json(request, HttpResetRequest)
     key = request.headers.get(SESSION_HEADER)
     if key is None:
-        return await _stateless(server, lambda s: _reset(server, s, body))
+        return await _stateless(request, lambda s: _reset(server, s, body))
     try:
         session = server.sessions.get(_http_key(key))
     except ServerError:
-        session = server.open_session(_http_key(key))
+        session = server.open_session(_http_key(key), _env_of(request))
     return json_response(await _reset(server, session, body), headers={SESSION_HEADER: key})
 
 
@@ -136,7 +155,7 @@ async def step(request: Request) -> Response:
             await server.reset(session, None, None)
             return await _step(server, session, body)
 
-        return await _stateless(server, fresh_step)
+        return await _stateless(request, fresh_step)
     session = server.sessions.get(_http_key(key))
     return json_response(await _step(server, session, body), headers={SESSION_HEADER: key})
 
@@ -146,7 +165,7 @@ async def state(request: Request) -> Response:
     server = _server(request)
     key = request.headers.get(SESSION_HEADER)
     if key is None:
-        return await _stateless(server, server.state)
+        return await _stateless(request, server.state)
     return json_response(await server.state(server.sessions.get(_http_key(key))))
 
 
@@ -186,8 +205,14 @@ async def _step(server: EnvServer, session: Session, body: HttpStepRequest) -> A
     return openenv_result(session, result, after_reset=False)
 
 
-async def _stateless(server: EnvServer, call: Any) -> Response:
-    session = server.open_session()
+def _env_of(request: Request) -> str | None:
+    """The environment a new session of ``request`` is for (``?env=``; None: the default)."""
+    return request.query_params.get("env")
+
+
+async def _stateless(request: Request, call: Any) -> Response:
+    server = _server(request)
+    session = server.open_session(None, _env_of(request))
     try:
         return json_response(await call(session))
     finally:

@@ -1,4 +1,7 @@
-"""``WS /ws``: OpenEnv's JSON protocol, one session per connection, one reply per request."""
+"""``WS /ws``: OpenEnv's JSON protocol, one session per connection, one reply per request.
+
+``/ws?env=NAME`` opens the session of one of the served environments (default: the first).
+"""
 
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ async def ws_endpoint(websocket: WebSocket) -> None:
     server: EnvServer = websocket.app.state.server
     await websocket.accept()
     try:
-        session = server.open_session()
+        session = server.open_session(None, websocket.query_params.get("env"))
     except ServerError as exc:  # capacity or factory failure: tell, then close (as OpenEnv does)
         await _send_error(websocket, exc)
         await websocket.close(1000)

@@ -41,6 +41,7 @@ class ErrorCode(enum.StrEnum):
     FRAME_TOO_LARGE = "FRAME_TOO_LARGE"  # frame or body over the configured limit
     UNAUTHORIZED = "UNAUTHORIZED"  # missing or wrong bearer token
     NOT_FOUND = "NOT_FOUND"  # unknown route or environment
+    FORBIDDEN = "FORBIDDEN"  # an environment this server does not serve, or a foreign Origin
 
     @property
     def http_status(self) -> int:
@@ -65,6 +66,7 @@ _HTTP_STATUS = {
     ErrorCode.FRAME_TOO_LARGE: 413,
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.NOT_FOUND: 404,
+    ErrorCode.FORBIDDEN: 403,
 }
 
 
@@ -137,102 +139,6 @@ class StepResult(msgspec.Struct, Generic[Obs], gc=False):
         return self.terminated or self.truncated
 
 
-class OpenSpielAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """Play ``action_id``; ``game_name``/``game_params`` are OpenEnv's fields, accepted and ignored."""
-
-    action_id: int
-    game_name: str | None = None
-    game_params: dict[str, Any] | None = None
-
-
-class OpenSpielObservation(msgspec.Struct, gc=False):
-    """One OpenSpiel observation from the agent's seat (OpenEnv's field names plus envfleet's)."""
-
-    legal_actions: list[int]
-    current_player_id: int
-    game_phase: Literal["initial", "playing", "terminal"]
-    info_state: Tensor | None  # information-state tensor, or observation tensor where that is all; None if not asked for
-    text: str | None  # the game's observation string (or state string) for the agent; None if not asked for
-    rewards: list[float]  # every player's reward of the last transition
-    returns: list[float]  # every player's return so far
-    opponent_last_action: int | None = None
-    legal_action_names: list[str] | None = None  # sent when the reset asked for names
-
-
-class OpenSpielState(msgspec.Struct, gc=False):
-    episode_id: str | None
-    step_count: int
-    game_name: str
-    game_params: dict[str, Any]
-    agent_player: int
-    opponent_policy: str
-    num_players: int
-    seed: int | None = None
-    history: list[int] = []
-
-
-class EchoAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    message: str = ""
-
-
-class EchoObservation(msgspec.Struct, gc=False):
-    echoed_message: str
-    message_length: int
-
-
-class EchoState(msgspec.Struct, gc=False):
-    episode_id: str | None
-    step_count: int
-
-
-# ---- python sandbox (envserver/envs/python_sandbox.py)
-
-
-class PythonAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
-    """Python source to run in the session's interpreter, like one notebook cell."""
-
-    code: str = ""
-
-
-class PythonObservation(msgspec.Struct, gc=False):
-    """What running one cell did; ``notice`` says in words which limit was hit and what it cost."""
-
-    stdout: str = ""
-    stderr: str = ""  # includes the traceback when the code raised
-    exception_type: str | None = None
-    exception_message: str | None = None
-    exit_code: int | None = None  # the interpreter's exit status if it ended during the step (-N: signal N)
-    wall_time: float = 0.0  # seconds
-    timed_out: bool = False
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
-    state_lost: bool = False  # the interpreter was replaced: earlier variables are gone
-    execution_count: int = 0
-    notice: str = ""
-    prompt: str | None = None  # the task, on reset in task mode
-    tests_passed: int | None = None  # task mode: hidden tests passing after this step
-    tests_total: int | None = None
-
-
-class PythonState(msgspec.Struct, gc=False):
-    episode_id: str | None
-    execution_count: int
-    task: str | None = None
-    max_steps: int | None = None
-    restarts: int = 0  # interpreters replaced after a timeout, crash or limit in this episode
-    seed: int | None = None
-
-
-# ---- end python sandbox
-
-# Observation and state types of the built-in environments, by env name (for typed clients).
-OBSERVATION_TYPES: dict[str, type] = {
-    "openspiel": OpenSpielObservation,
-    "echo": EchoObservation,
-    "python_sandbox": PythonObservation,
-}
-STATE_TYPES: dict[str, type] = {"openspiel": OpenSpielState, "echo": EchoState, "python_sandbox": PythonState}
-
 
 # --------------------------------------------------------------------------- mux: WS /v1/mux
 
@@ -288,8 +194,74 @@ class ResetMany(_Request, tag="resets"):
     options: dict[str, Any] | None = None
 
 
-MuxRequest = Open | Reset | Step | GetState | Close | Ping | StepMany | ResetMany
-OPS = ("open", "reset", "step", "state", "close", "ping", "steps", "resets")
+# ---- columnar batches (``vstep``/``vreset``): k sessions in, packed arrays out
+
+AutoReset = Literal["next_step", "same_step", "disabled"]
+
+
+class VecStep(_Request, tag="vstep"):
+    """Step k sessions with discrete actions; the reply body is ``Columns``.
+
+    ``actions`` holds k little-endian int64 values. ``autoreset`` follows Gymnasium 1.x:
+    ``next_step`` resets a session that ended on the previous step (its action is
+    ignored), ``same_step`` resets it in the step that ended it (the last observation goes
+    to ``Columns.final_obs``), ``disabled`` never resets. Episode e of a session reset with
+    base seed b is seeded ``episode_seed(b, e)``.
+    """
+
+    sids: list[int]
+    actions: bytes
+    autoreset: AutoReset = "next_step"
+    text: bool = False  # also send each session's text rendering
+
+
+class VecReset(_Request, tag="vreset"):
+    """Reset k sessions: ``seeds[i]`` is session i's base seed (None: unseeded); the reply body is ``Columns``.
+
+    ``episodes[i]`` (default 0) is the index of the episode to start, so a client that
+    lost a server can resume a session's seed sequence on the replacement.
+    """
+
+    sids: list[int]
+    seeds: list[int | None]
+    episodes: list[int] | None = None
+    text: bool = False
+
+
+MuxRequest = Open | Reset | Step | GetState | Close | Ping | StepMany | ResetMany | VecStep | VecReset
+OPS = ("open", "reset", "step", "state", "close", "ping", "steps", "resets", "vstep", "vreset")
+
+
+class Columns(msgspec.Struct, array_like=True, gc=False):
+    """The body of a ``vstep``/``vreset`` reply: little-endian arrays over the request's k sessions.
+
+    Row i belongs to ``sids[i]``. A failed row (see ``failures``) is zeros. ``mask`` is the
+    legal-action mask (one byte per action, 1 = legal) of environments with discrete
+    actions; ``final_obs`` (``same_step`` only, when a row ended) holds the last observation
+    of each row that ended in this step and was reset (read only those rows).
+    """
+
+    obs_shape: tuple[int, ...]
+    obs: bytes  # float32 [k, *obs_shape]
+    reward: bytes  # float64 [k]
+    terminated: bytes  # uint8 [k]
+    truncated: bytes  # uint8 [k]
+    num_actions: int = 0  # 0: no discrete actions, no mask
+    mask: bytes = b""  # uint8 [k, num_actions]
+    failures: dict[int, ErrorInfo] = {}  # row -> why it failed
+    final_obs: bytes = b""  # float32 [k, *obs_shape], same_step only, when a row ended
+    text: list[str] | None = None
+
+
+def episode_seed(seed: int, episode: int) -> int:
+    """The seed of episode ``episode`` of a run (or session) seeded ``seed`` (SplitMix64 of both)."""
+    z = (seed * 0x9E3779B97F4A7C15 + (episode + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1  # 63 bits: fits every seed type downstream
+
+
+# ---- end columnar batches
 
 T = TypeVar("T")
 
@@ -358,6 +330,11 @@ class Metadata(msgspec.Struct):
     version: str
     env: str
     surfaces: list[str]
+    # Where the environment's classes live (``module:QualName``): a client that can import the
+    # types decodes into them; otherwise it decodes generic data guided by ``/schema``.
+    env_class: str | None = None
+    observation_type: str | None = None
+    state_type: str | None = None
 
 
 class HealthStatus(msgspec.Struct):
@@ -388,14 +365,15 @@ def json_decoder(type_: Any) -> msgspec.json.Decoder[Any]:
     return msgspec.json.Decoder(type_)
 
 
-_FLAT_TENSOR = {"type": "array", "items": {"type": "number"}, "description": "tensor values, flattened"}
+# How the JSON surface describes a tensor; clients find tensor fields in /schema by it.
+FLAT_TENSOR_SCHEMA = {"type": "array", "items": {"type": "number"}, "description": "tensor values, flattened"}
 
 
 def json_schemas(types: tuple[Any, ...], ref_template: str = "#/$defs/{name}") -> tuple[tuple[dict[str, Any], ...], dict[str, Any]]:
     """JSON Schemas of ``types`` and their shared components, as the JSON surface sends them (flat tensors)."""
     schemas, components = msgspec.json.schema_components(types, ref_template=ref_template)
     if "Tensor" in components:
-        components["Tensor"] = _FLAT_TENSOR
+        components["Tensor"] = FLAT_TENSOR_SCHEMA
     return schemas, components
 
 

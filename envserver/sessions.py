@@ -6,7 +6,7 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from .env import Environment
 from .errors import ServerError
@@ -16,17 +16,33 @@ from .protocol import ErrorCode
 log = logging.getLogger("envserver.sessions")
 
 
-class Session:
-    """One environment instance and what the server knows about its use."""
+class Owner(Protocol):
+    """What owns sessions (a mux connection): its ``last_seen`` keeps them alive."""
 
-    __slots__ = ("key", "env", "last_used", "closed", "_lock")
+    last_seen: float  # time.monotonic() of its last sign of life
+
+
+class Session:
+    """One environment instance and what the server knows about its use.
+
+    ``owner``, if set, is the connection that opened it: the session counts as used
+    whenever its owner was last heard from, so a live client's sessions never expire.
+    """
+
+    __slots__ = ("key", "env", "last_used", "closed", "owner", "_lock")
 
     def __init__(self, key: str, env: Environment) -> None:  # type: ignore[type-arg]
         self.key = key
         self.env = env
         self.last_used = time.monotonic()
         self.closed = False
+        self.owner: Owner | None = None
         self._lock: asyncio.Lock | None = None
+
+    def idle_since(self) -> float:
+        """When the session (or its owner) was last used, ``time.monotonic()``."""
+        owner = self.owner
+        return self.last_used if owner is None else max(self.last_used, owner.last_seen)
 
     async def call(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Run one env method: inline for cheap envs, in a worker thread, in order, for blocking ones."""
@@ -104,9 +120,9 @@ class SessionTable:
             self.close(session)
 
     def expire_idle(self, now: float | None = None) -> int:
-        """Close every session unused for ``idle_ttl`` seconds; return how many."""
+        """Close every session unused (and whose owner was silent) for ``idle_ttl`` seconds; return how many."""
         deadline = (now if now is not None else time.monotonic()) - self.idle_ttl
-        idle = [s for s in self._sessions.values() if s.last_used < deadline]
+        idle = [s for s in self._sessions.values() if s.idle_since() < deadline]
         for session in idle:
             self.close(session)
         self.expired_total += len(idle)

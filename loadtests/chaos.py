@@ -34,7 +34,7 @@ from typing import Any
 import msgspec
 
 from common import proc_stat, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
-from rollout.bench import percentile
+from rollout.telemetry import percentile
 from rollout.errors import EnvCrashed
 from rollout.pool import EnvPool, PoolConfig
 

@@ -15,7 +15,6 @@ from typing import Any
 
 import msgspec
 
-from envserver.envs.sandbox_worker import proc_stat  # fields of /proc/<pid>/stat after the command name, as bytes
 
 
 def write_report(benchmark: str, report: Any, out: Path, *, print_without: tuple[str, ...] = ()) -> None:
@@ -30,10 +29,24 @@ def write_report(benchmark: str, report: Any, out: Path, *, print_without: tuple
     print(json.dumps({k: v for k, v in result.items() if k not in print_without}, indent=2))
 
 
+def proc_stat(pid: int) -> list[bytes]:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, ppid, ...), as bytes; empty if ``pid`` is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return []
+    return stat.rpartition(b")")[2].split()  # the name, in parentheses, may itself hold spaces and ")"
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU seconds of ``pid`` so far; 0.0 if it is gone."""
     fields = proc_stat(pid)
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK") if fields else 0.0
+
+
+def fd_count(pid: int) -> int:
+    """Open file descriptors of ``pid``."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def rss_mb(pid: int) -> float:

@@ -34,6 +34,7 @@ from openenv.core import GenericEnvClient
 
 from pool_throughput import CpuMeter, CpuUse, machine, run_size, sizes  # same directory; this file is run as a script
 from rollout.bench import BenchResult, StepCounter
+from rollout.fleet.health import wait_healthy
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "openenv_compare.json"
@@ -88,19 +89,13 @@ class OpenEnvServers:
             tail = (self.logdir / f"server-{index}.log").read_text(errors="replace").strip().splitlines()[-3:]
             raise RuntimeError(f"OpenEnv server exited before listening: {' | '.join(tail)}")
         url = line.decode().split()[-1]
+
+        async def dead() -> str | None:
+            return None if process.returncode is None else f"exited with code {process.returncode}"
+
         async with aiohttp.ClientSession() as http:
-            while True:
-                if process.returncode is not None:
-                    raise RuntimeError(f"OpenEnv server {url} exited with code {process.returncode}")
-                try:
-                    async with http.get(f"{url}/health") as response:
-                        if response.status == 200:
-                            return url
-                except aiohttp.ClientError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"OpenEnv server {url} not healthy in {self.start_timeout:g} s")
-                await asyncio.sleep(0.2)
+            await wait_healthy(http, url, deadline, dead=dead)
+        return url
 
     async def stop(self) -> None:
         for process in self.processes:
@@ -139,7 +134,7 @@ async def _drive_openenv(clients: list[GenericEnvClient], stop_at: float, counte
                 action = {"action_id": legal[int(rng.random() * len(legal))]}
                 start = clock()
                 result = await client.step(action)
-                counter.latencies.append(clock() - start)
+                counter.latency.observe(clock() - start)
                 counter.steps += 1
                 if result.done:
                     counter.episodes += 1

@@ -24,7 +24,7 @@ from pathlib import Path
 import msgspec
 
 from common import rss_mb, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
-from rollout.bench import percentile
+from rollout.telemetry import percentile
 from rollout.client import EnvClient
 from rollout.config import FleetConfig
 from rollout.errors import CapacityReached
@@ -108,7 +108,7 @@ async def run_overload(
         # two connections per server: the burst also crosses connections, not only sessions
         for url in fleet.urls:
             for _ in range(2):
-                clients.append(await EnvClient(url, request_timeout=HANG_LIMIT).connect())
+                clients.append(await EnvClient(url, token=fleet.token, request_timeout=HANG_LIMIT).connect())
         try:
             rss_empty = [rss_mb(pid) for pid in pids]
             slots = [(clients[i % len(clients)], clients[i % len(clients)].new_sid()) for i in range(requested)]

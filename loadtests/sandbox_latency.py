@@ -1,10 +1,18 @@
-"""Python sandbox: step latency of ``print(1)`` and how many sandboxes one server holds.
+"""Python sandbox: step latency of ``print(1)``, grading latency, and how many sandboxes one server holds.
 
 Starts ``python -m envserver --env python_sandbox`` on 127.0.0.1 (port 0) and drives it
 over ``WS /v1/mux`` from this process:
 
 * latency: ``--steps`` sequential ``print(1)`` steps per session, with 1 and with 16
   sessions stepping concurrently on one connection; per-step time from send to reply;
+* grading: one session submits each built-in task's reference solution (reset, then one
+  step), ``--grading-rounds`` times over the 20 tasks; the step's time from send to reply
+  (the cell plus the grading) and the grading's own time (the step's
+  ``info["grading_seconds"]``: a fresh grading process in a fresh sandbox, replay,
+  tests, comparison). Run with the server's default isolation (namespaces where
+  bubblewrap works) and with ``isolation="process"``; each with the step sent right after
+  the reset, and after ``--think-ms`` (the time an agent takes to answer, during which
+  the next grading process starts);
 * capacity: opens and resets sandboxes in batches of 16 until one is refused, a reset
   takes over 30 s, ``--max-sandboxes`` is reached or the machine's available memory drops
   under ``--min-free-gb``; then one ``print(1)`` on every sandbox, close all, and check
@@ -35,8 +43,10 @@ from typing import Any
 import aiohttp
 
 from common import proc_stat  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
+from envserver.envs.sandbox_isolation import descendants
+from envserver.envs.sandbox_tasks import TASKS
 from envserver.protocol import Close, Open, Reply, Reset, Step, msgpack_decoder, msgpack_encoder
-from rollout.bench import percentile
+from rollout.telemetry import percentile
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "sandbox_latency.json"
@@ -53,7 +63,7 @@ def mem_available_gb() -> float:
 
 
 def interpreters_of(server_pid: int) -> list[int]:
-    """Live children of the server (its sandbox interpreters)."""
+    """Live children of the server: its sandboxes (the interpreter, or bubblewrap around it)."""
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -64,8 +74,9 @@ def interpreters_of(server_pid: int) -> list[int]:
 
 
 def rss_mb(pids: list[int]) -> float:
+    """Resident memory of these processes and all their descendants (bubblewrap, its init, the interpreter)."""
     total = 0
-    for pid in pids:
+    for pid in {p for root in pids for p in (root, *descendants(root))}:
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -75,8 +86,10 @@ def rss_mb(pids: list[int]) -> float:
 
 
 class Server:
-    def __init__(self, nofile: int | None) -> None:
+    def __init__(self, nofile: int | None, env_options: dict[str, Any] | None = None) -> None:
         command = [sys.executable, "-m", "envserver", "--env", "python_sandbox", "--port", "0", "--max-sessions", "100000", "--no-web"]
+        if env_options:
+            command += ["--env-options", json.dumps(env_options)]
         if nofile:
             command = ["sh", "-c", f"ulimit -n {nofile} && exec {shlex.join(command)}"]
         self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
@@ -156,6 +169,41 @@ async def latency(mux: Mux, sessions: int, steps: int, first_sid: int) -> dict[s
     }
 
 
+async def grading(http: aiohttp.ClientSession, rounds: int, isolation: str, think: float) -> dict[str, Any]:
+    server = Server(None, {"isolation": isolation})
+    try:
+        mux = Mux(await http.ws_connect(server.url, max_msg_size=64 * 2**20))
+        _check(await mux.call(Open, 0), "open")
+        step_times: list[float] = []
+        grade_times: list[float] = []
+        mode = None
+        for _ in range(rounds):
+            for name, task in TASKS.items():
+                reset = _check(await mux.call(Reset, 0, None, {"task": name}), "reset")
+                mode = reset["info"]["isolation"]
+                await asyncio.sleep(think)  # the agent reading the prompt: the spare grading process starts meanwhile
+                start = time.perf_counter()
+                body = _check(await mux.call(Step, 0, {"code": task.solution}), "step")
+                step_times.append(time.perf_counter() - start)
+                assert body["reward"] == 1.0, (name, body)
+                grade_times.append(body["info"]["grading_seconds"])
+        await mux.call(Close, 0)
+        await mux.ws.close()
+    finally:
+        server.stop()
+    step_times.sort()
+    grade_times.sort()
+    return {
+        "isolation": mode,
+        "think_ms": round(think * 1000),
+        "gradings": len(grade_times),
+        "step_p50_ms": round(percentile(step_times, 0.50) * 1000, 1),
+        "step_p99_ms": round(percentile(step_times, 0.99) * 1000, 1),
+        "grading_p50_ms": round(percentile(grade_times, 0.50) * 1000, 1),
+        "grading_p99_ms": round(percentile(grade_times, 0.99) * 1000, 1),
+    }
+
+
 async def capacity(http: aiohttp.ClientSession, nofile: int | None, bound: int, min_free_gb: float) -> dict[str, Any]:
     server = Server(nofile)
     try:
@@ -212,20 +260,30 @@ async def capacity(http: aiohttp.ClientSession, nofile: int | None, bound: int, 
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    grades: list[dict[str, Any]] = []
+    caps: list[dict[str, Any]] = []
     async with aiohttp.ClientSession() as http:
-        server = Server(None)
-        try:
-            mux = Mux(await http.ws_connect(server.url))
-            rows = [await latency(mux, 1, args.steps, 0), await latency(mux, 16, args.steps, 100)]
-            await mux.ws.close()
-        finally:
-            server.stop()
-        caps = [await capacity(http, None, args.max_sandboxes, args.min_free_gb)]
-        caps.append(await capacity(http, 1024, args.max_sandboxes, args.min_free_gb))
+        if "latency" in args.parts:
+            server = Server(None)
+            try:
+                mux = Mux(await http.ws_connect(server.url))
+                rows = [await latency(mux, 1, args.steps, 0), await latency(mux, 16, args.steps, 100)]
+                await mux.ws.close()
+            finally:
+                server.stop()
+        if "grading" in args.parts:
+            for think in (0.0, args.think_ms / 1000):
+                for isolation in ("auto", "process"):
+                    grades.append(await grading(http, args.grading_rounds, isolation, think))
+        if "capacity" in args.parts:
+            caps = [await capacity(http, None, args.max_sandboxes, args.min_free_gb)]
+            caps.append(await capacity(http, 1024, args.max_sandboxes, args.min_free_gb))
     return {
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "loadavg_1m": os.getloadavg()[0]},
         "command": "python loadtests/sandbox_latency.py " + " ".join(sys.argv[1:]),
         "latency": rows,
+        "grading": grades,
         "capacity": caps,
     }
 
@@ -235,6 +293,14 @@ def report(result: dict[str, Any]) -> str:
         "| sessions | steps | p50 ms | p99 ms | steps/s |",
         "|---:|---:|---:|---:|---:|",
         *(f"| {r['sessions']} | {r['steps']} | {r['p50_ms']} | {r['p99_ms']} | {r['steps_per_s']} |" for r in result["latency"]),
+        "",
+        "| isolation | think ms | gradings | step p50 ms | step p99 ms | grading p50 ms | grading p99 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {g['isolation']} | {g['think_ms']} | {g['gradings']} | {g['step_p50_ms']} | {g['step_p99_ms']} | {g['grading_p50_ms']} | "
+            f"{g['grading_p99_ms']} |"
+            for g in result["grading"]
+        ),
         "",
         "| server fd limit | sandboxes held | stopped by | RSS MB / sandbox | reset ms / sandbox | step p50 ms at capacity | healthy after | left after close |",
         "|---|---:|---|---:|---:|---:|---|---:|",
@@ -253,6 +319,11 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=500, help="print(1) steps per session in the latency runs")
     parser.add_argument("--max-sandboxes", type=int, default=400, help="stop the capacity runs here")
     parser.add_argument("--min-free-gb", type=float, default=6.0, help="stop the capacity runs when less memory is available")
+    parser.add_argument("--grading-rounds", type=int, default=5, help="passes over the 20 tasks in the grading runs")
+    parser.add_argument("--think-ms", type=float, default=200.0, help="pause between reset and step in the second grading runs")
+    parser.add_argument(
+        "--parts", type=lambda v: set(v.split(",")), default={"latency", "grading", "capacity"}, help="comma-separated: latency,grading,capacity"
+    )
     result = asyncio.run(main(parser.parse_args()))
     OUT.parent.mkdir(exist_ok=True)
     OUT.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,7 +10,9 @@ Two paths, each at 1, 64 and 256 sessions:
 * ``ws``: OpenEnv's ``WS /ws``, one connection per session, one JSON step per message.
 
 Latency is per step: from sending the frame (or message) that carries it to receiving its
-reply. Full observations (legal actions, the 50-float tensor and the text rendering) travel
+reply. Both paths measure the server: replies are read only for their ids, failures and end of episode,
+not decoded into observations as a client must (``pool_throughput.py`` measures that);
+the table says so. Failed steps are counted as errors, not as steps. Full observations (legal actions, the 50-float tensor and the text rendering) travel
 on every step; ``--options '{"text": false}'`` measures tensor-only sessions.
 
     python loadtests/server_throughput.py [--seconds 5] [--options '{"text": false}']
@@ -38,6 +40,8 @@ import msgspec
 
 from common import cpu_seconds  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from envserver.protocol import Open, Reset, ResetMany, StepMany, msgpack_encoder, mux_reply_decoder
+from rollout.fleet.health import wait_healthy
+from rollout.telemetry import LatencyHistogram
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out" / "server_throughput.json"
@@ -69,41 +73,24 @@ _STEP_MESSAGES = [json.dumps({"type": "step", "data": {"action_id": a}}) for a i
 _RESET_MESSAGE = json.dumps({"type": "reset", "data": {}})
 
 
-def percentile(sorted_values: list[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
-
-
 class Tally:
-    """Steps counted inside the measuring window, and per-step latencies (weighted by frame size)."""
+    """Steps answered without error inside the measuring window, and per-step latencies (a frame's, for each of its steps)."""
 
     def __init__(self) -> None:
         self.measuring = False
         self.steps = 0
         self.errors = 0
-        self.latencies: list[tuple[float, int]] = []  # (seconds, steps it applies to)
+        self.latency = LatencyHistogram()
 
-    def record(self, latency: float, steps: int) -> None:
+    def record(self, latency: float, steps: int, failed: int = 0) -> None:
+        """A frame (or message) of ``steps`` steps, ``failed`` of which were answered with an error, took ``latency``."""
         if self.measuring and steps:
-            self.steps += steps
-            self.latencies.append((latency, steps))
+            self.steps += steps - failed
+            self.errors += failed
+            self.latency.observe(latency, steps)
 
     def summary(self, seconds: float) -> dict[str, Any]:
-        # p50/p99 over steps: expand the frame-weighted samples without building huge lists.
-        samples = sorted(self.latencies)
-        total = sum(n for _, n in samples)
-        marks = {}
-        for name, q in (("p50_ms", 0.50), ("p99_ms", 0.99)):
-            want, seen = q * total, 0
-            for latency, n in samples:
-                seen += n
-                if seen >= want:
-                    marks[name] = round(latency * 1000, 3)
-                    break
-            else:
-                marks[name] = float("nan")
+        marks = {name: round(self.latency.percentile(q) * 1000, 3) for name, q in (("p50_ms", 0.50), ("p99_ms", 0.99))}
         return {"steps": self.steps, "seconds": round(seconds, 3), "steps_per_s": round(self.steps / seconds, 1), "errors": self.errors, **marks}
 
 
@@ -121,7 +108,8 @@ async def mux_connection(http: aiohttp.ClientSession, url: str, sessions: int, d
     assert all(r.ok for r in replies), [r for r in replies if not r.ok][:3]
     issued = [0] * sessions  # steps issued since the last reset, per session
     next_id = 2 * sessions
-    in_flight: deque[tuple[float, int, int]] = deque()  # (sent at, steps, requests)
+    in_flight: deque[tuple[float, int, int, int]] = deque()  # (sent at, steps, requests, id of its steps request)
+    failed: dict[int, int] = {}  # steps request id -> its sessions answered with an error
 
     def build() -> tuple[bytes, int, int]:
         nonlocal next_id
@@ -131,18 +119,21 @@ async def mux_connection(http: aiohttp.ClientSession, url: str, sessions: int, d
         if resetting:
             next_id += 1
             frame.append(ResetMany(next_id, resetting, [None] * len(resetting)))
+        steps_id = 0
         if stepping:
             next_id += 1
+            steps_id = next_id
+            failed[steps_id] = 0
             frame.append(StepMany(next_id, stepping, [int(rng.random() * 3) for _ in stepping]))
         for s in resetting:
             issued[s] = 0
         for s in stepping:
             issued[s] += 1
-        return msgpack_encoder.encode(frame), len(stepping), len(frame)
+        return msgpack_encoder.encode(frame), len(stepping), len(frame), steps_id
 
     async def send() -> None:
-        data, steps, count = build()
-        in_flight.append((time.perf_counter(), steps, count))
+        data, steps, count, steps_id = build()
+        in_flight.append((time.perf_counter(), steps, count, steps_id))
         await ws.send_bytes(data)
 
     for _ in range(depth):
@@ -153,17 +144,21 @@ async def mux_connection(http: aiohttp.ClientSession, url: str, sessions: int, d
         if message.type != aiohttp.WSMsgType.BINARY:
             raise RuntimeError(f"mux connection ended: {message.type} {message.data!r}")
         replies = mux_reply_decoder.decode(message.data)
-        for reply in replies:
-            if not reply.ok:
-                tally.errors += 1
-            elif reply.id > 2 * sessions:  # a many-request: count the sessions that failed in it
-                tally.errors += len(_batch_failures.decode(reply.body).failures)
+        for reply in replies:  # only ids and failures are read: the observations are not decoded
+            if reply.id not in failed:  # a reset: its failures are errors, and it counts no steps
+                if tally.measuring:
+                    tally.errors += 1 if not reply.ok else len(_batch_failures.decode(reply.body).failures)
+            elif not reply.ok:
+                failed[reply.id] = -1  # the whole request failed
+            else:  # count the sessions that failed in it
+                failed[reply.id] = len(_batch_failures.decode(reply.body).failures)
         answered += len(replies)
         now = time.perf_counter()
         while in_flight and answered >= in_flight[0][2]:
-            sent, steps, count = in_flight.popleft()
+            sent, steps, count, steps_id = in_flight.popleft()
             answered -= count
-            tally.record(now - sent, steps)
+            lost = failed.pop(steps_id, 0)
+            tally.record(now - sent, steps, steps if lost < 0 else lost)
             if not stop.is_set():
                 await send()
     await ws.close()
@@ -191,7 +186,7 @@ async def ws_session(http: aiohttp.ClientSession, url: str, seed: int, tally: Ta
         message = await ws.receive()
         reply = _ws_reply.decode(message.data)
         if reply.type != "observation":
-            tally.errors += 1
+            tally.record(perf() - start, 1, failed=1)
             continue
         tally.record(perf() - start, 1)
         if reply.data.done:
@@ -252,13 +247,7 @@ async def main_async(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as http:
-            for _ in range(100):  # wait for /health
-                try:
-                    async with http.get(url + "/health") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.05)
+            await wait_healthy(http, url, time.monotonic() + 10.0)
             for sessions in args.sessions:
                 case = await run_mux(http, url, sessions, min(args.connections, sessions), args.depth, args.seconds, args.warmup)
                 print(json.dumps(case), file=sys.stderr, flush=True)
@@ -288,7 +277,7 @@ def table(results: list[dict[str, Any]]) -> str:
     for r in results:
         target = TARGETS.get((r["surface"], r["sessions"]))
         mark = "" if target is None else f">= {target:,.0f}: {'met' if r['steps_per_s'] >= target else 'MISSED'}"
-        path = "/v1/mux batch frames" if r["surface"] == "mux" else "/ws one step per message"
+        path = "/v1/mux batch frames, replies not decoded" if r["surface"] == "mux" else "/ws one step per message, replies not decoded"
         lines.append(
             f"| {path} | {r['sessions']} | {r['connections']} | {r['frames_in_flight']} | {r['steps_per_s']:,.0f} "
             f"| {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['server_cpu_share']:.2f} | {r['server_cpu_us_per_step']:.1f} "

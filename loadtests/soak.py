@@ -23,7 +23,7 @@ from pathlib import Path
 
 import msgspec
 
-from common import rss_mb, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
+from common import fd_count, rss_mb, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
 from rollout.pool import EnvPool
 
 OUT = Path(__file__).resolve().parent / "out" / "soak.json"
@@ -63,10 +63,6 @@ class SoakReport(msgspec.Struct):
     replacements: int
     samples: list[Sample]
     failures: list[str]
-
-
-def fd_count(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def first_legal(observation: object) -> int:

@@ -19,7 +19,7 @@ DASHBOARD_PORT = 8765
 
 
 def _fleet_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--env", default="openspiel", help="environment name (default: openspiel)")
+    parser.add_argument("--env", default="openspiel", help="registered name, package.module:Class or openenv:package.module:Class (default: openspiel)")
     parser.add_argument("--game", default="catch", help="OpenSpiel game (default: catch)")
     parser.add_argument("--options", type=json.loads, default={}, help="JSON object of environment options")
     parser.add_argument("--n", type=int, default=256, help="concurrent env sessions (default: 256)")
@@ -73,14 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     _fleet_args(bench)
     _dashboard_arg(bench)
     bench.add_argument("--seconds", type=float, default=10.0, help="measured seconds per mode (default: 10)")
-    bench.add_argument("--mode", choices=["per-env", "batched", "both"], default="both")
+    bench.add_argument("--mode", choices=["per-env", "batched", "vector", "both", "all"], default="both", help="both: per-env and batched; all: also vector (numpy batches, auto-reset in the servers)")
     bench.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write results as JSON to PATH (or stdout)")
+    bench.add_argument("--keep-going", action="store_true", help="count failed calls (by class) and go on instead of stopping at the first")
+    bench.add_argument("--policy", help="module:function choosing each action (default: a random legal action)")
     bench.set_defaults(handler=_bench)
 
     ev = commands.add_parser("eval", help="play a policy for many episodes into a resumable JSONL file")
     _fleet_args(ev)
     _dashboard_arg(ev)
-    ev.add_argument("--policy", default="random", help="random, first-legal or module:function (default: random)")
+    ev.add_argument("--policy", default="random", help="random, first-legal or module:function; a function marked rollout.vector.vectorized plays batched (default: random)")
     ev.add_argument("--episodes", type=int, default=1000, help="episodes to play (default: 1000)")
     ev.add_argument("--seed", type=int, default=0, help="run seed; episode i is seeded from it and i (default: 0)")
     ev.add_argument("--out", required=True, help="results JSONL; re-running with the same file resumes")
@@ -95,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(handler=_report)
 
     _fleet_parser(commands)
+
+    env = commands.add_parser("env", help="write environment packages")
+    env_sub = env.add_subparsers(dest="env_command", required=True)
+    new = env_sub.add_parser("new", help="write an installable environment package that passes its own tests")
+    new.add_argument("name", help="environment name: lowercase letters, digits, '-' or '_'")
+    new.add_argument("--dir", help="where to write it (default: ./NAME; must not exist or be empty)")
+    new.set_defaults(handler=_env_new)
 
     image = commands.add_parser("image", help="build the envserver container image (offline: never pulls)")
     image_sub = image.add_subparsers(dest="image_command", required=True)
@@ -120,7 +129,7 @@ def _fleet_parser(commands: Any) -> None:
     k8s = sub.add_parser("k8s-manifest", help="print Kubernetes manifests of a fleet (Deployment, headless Service, ...)")
     k8s.add_argument("--replicas", type=int, default=2, help="pods (default: 2)")
     k8s.add_argument("--image", default="envfleet:latest", help="server image (default: envfleet:latest)")
-    k8s.add_argument("--token", help="bearer token to put in the Secret (default: a placeholder to replace)")
+    k8s.add_argument("--token", help="also emit a Secret holding this bearer token (default: no Secret; create it with kubectl, see the README)")
     k8s.add_argument("--name", default="envfleet", help="name of the Deployment and Service (default: envfleet)")
     k8s.add_argument("--env", default="openspiel", help="environment name (default: openspiel)")
     k8s.add_argument("--game", default="catch", help="OpenSpiel game (default: catch)")
@@ -186,6 +195,14 @@ async def _ray_reap(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _env_new(args: argparse.Namespace) -> int:
+    from .scaffold import new_environment
+
+    for path in new_environment(args.name, args.dir):
+        print(f"rollout: wrote {path}", file=sys.stderr)
+    return EXIT_OK
+
+
 async def _image_build(args: argparse.Namespace) -> int:
     from .image import build_image
 
@@ -223,14 +240,19 @@ def _emit_summary(summary: Any, json_path: str | None) -> None:
     print(format_summary(summary))
 
 
-async def _eval(args: argparse.Namespace) -> int:
+def _allow_local_modules() -> None:
+    """Let --policy name a module in the current directory."""
     import os
 
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+async def _eval(args: argparse.Namespace) -> int:
     from .dashboard import maybe_dashboard
     from .eval import evaluate
 
-    if os.getcwd() not in sys.path:  # let --policy name a module in the current directory
-        sys.path.insert(0, os.getcwd())
+    _allow_local_modules()
     async with maybe_dashboard(args.dashboard, "eval") as telemetry:
         summary = await evaluate(
             args.policy, args.episodes, out=args.out, seed=args.seed, progress=sys.stderr,
@@ -258,9 +280,15 @@ async def _bench(args: argparse.Namespace) -> int:
     from .bench import run_bench, table
     from .dashboard import maybe_dashboard
 
-    modes = ["per-env", "batched"] if args.mode == "both" else [args.mode]
+    modes = {"both": ["per-env", "batched"], "all": ["per-env", "batched", "vector"]}.get(args.mode, [args.mode])
+    policy = None
+    if args.policy:
+        from .eval import load_policy
+
+        _allow_local_modules()
+        policy = load_policy(args.policy)[1](0)
     async with maybe_dashboard(args.dashboard, "bench") as telemetry:
-        report = await run_bench(_pool_kwargs(args), modes, args.seconds, telemetry=telemetry)
+        report = await run_bench(_pool_kwargs(args), modes, args.seconds, telemetry=telemetry, keep_going=args.keep_going, policy=policy)
     if args.json:
         payload = msgspec.json.format(msgspec.json.encode(report), indent=2).decode()
         if args.json == "-":

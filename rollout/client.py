@@ -6,6 +6,13 @@ the connection's sessions join one ``steps`` (``resets``) request: the server an
 them in one pass and the client decodes all their results in one call. Replies are
 routed back to their futures by request id. A dead or closed connection fails every
 call in flight at once with ``EnvCrashed``.
+
+Nothing that goes in or out may leave a call unanswered: an action msgpack cannot carry
+(numpy scalars and arrays are turned into plain values) or a request over the server's
+frame limit fails that call alone before anything is sent; a reply that breaks the
+protocol (fewer results than sessions, a request id never sent) drops the connection with
+``ProtocolError``; every request has a deadline. While the client is idle it pings the
+server every ``heartbeat`` seconds, which keeps its sessions from expiring.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -21,10 +29,9 @@ import aiohttp
 import msgspec
 
 from envserver.protocol import (
-    OBSERVATION_TYPES,
-    STATE_TYPES,
     Batch,
     Close,
+    Columns,
     ErrorInfo,
     GetState,
     MuxRequest,
@@ -34,15 +41,53 @@ from envserver.protocol import (
     ResetMany,
     StepMany,
     StepResult,
+    VecReset,
+    VecStep,
     msgpack_decoder,
     msgpack_encoder,
     mux_reply_decoder,
 )
 
-from .errors import EnvCrashed, EnvError, PoolClosed, RequestTimeout, from_reply
+from .envtypes import WireTypes, fetch_wire_types
+from .errors import (
+    EnvCrashed,
+    EnvError,
+    PoolClosed,
+    ProtocolError,
+    RequestTimeout,
+    RequestTooLarge,
+    UnencodableAction,
+    from_reply,
+)
+
+log = logging.getLogger("rollout.client")
 
 _error_decoder = msgspec.msgpack.Decoder(ErrorInfo)
 _open_decoder = msgpack_decoder(OpenResult)
+_columns_decoder = msgpack_decoder(Columns)
+
+DEFAULT_MAX_FRAME_BYTES = 4 * 1024 * 1024  # envserver's default --max-frame-bytes
+
+
+def _plain(obj: Any) -> Any:
+    """``enc_hook``: numpy scalars and arrays as plain values (numpy is imported only when one shows up)."""
+    if type(obj).__module__ == "numpy":
+        import numpy
+
+        if isinstance(obj, numpy.generic | numpy.ndarray):
+            return obj.tolist()
+    raise TypeError(f"cannot send a {type(obj).__module__}.{type(obj).__qualname__}")
+
+
+_encoder = msgspec.msgpack.Encoder(enc_hook=_plain)
+_ENCODE_ERRORS = (TypeError, ValueError, OverflowError)  # what msgspec raises for a value msgpack cannot carry
+
+
+def _unencodable(exc: Exception) -> str:
+    return (
+        f"cannot encode the request: {exc}; actions, seeds and options must be msgpack values "
+        "(None, bool, int, float, str, bytes, lists and dicts of them) or numpy scalars and arrays"
+    )
 
 
 class ClientState(enum.Enum):
@@ -67,31 +112,41 @@ class _Pending:
     """Who waits on one in-flight request, and how to read its reply.
 
     ``target`` is a future (one call: ``labels`` is its env label), a list of futures
-    (per-env calls joined into one many-request) or a ``_Batch`` filled from ``offset``.
+    (per-env calls joined into one many-request) or a ``_Batch`` whose result
+    ``positions[i]`` is the i-th session's.
     """
 
-    __slots__ = ("target", "labels", "decoder", "deadline", "offset")
+    __slots__ = ("target", "labels", "decoder", "deadline", "positions")
 
-    def __init__(self, target: Any, labels: Any, decoder: Any, deadline: float, offset: int = 0) -> None:
+    def __init__(self, target: Any, labels: Any, decoder: Any, deadline: float, positions: Sequence[int] = ()) -> None:
         self.target = target
         self.labels = labels
         self.decoder = decoder
         self.deadline = deadline
-        self.offset = offset
+        self.positions = positions
 
-    def deliver(self, value: Any, server: str, request: int) -> None:
-        """Hand a decoded reply to the waiters; a failed slot of a many-request gets its coded error."""
+    def deliver(self, value: Any, server: str, request: int) -> str:
+        """Hand a decoded reply to the waiters (a failed slot of a many-request gets its coded error).
+
+        Return what is wrong with a reply that breaks the protocol ("" if nothing); its waiters
+        are then failed with ``ProtocolError``.
+        """
         target = self.target
         if isinstance(target, asyncio.Future):
             if not target.done():
                 target.set_result(value)
-            return
+            return ""
         results, labels = value.results, self.labels
+        size = len(labels)
+        if len(results) != size or any(not 0 <= index < size for index in value.failures):
+            problem = f"protocol error: reply to request {request} carries {len(results)} results (failures at {sorted(value.failures)}) for {size} sessions"
+            self.fail(ProtocolError, problem, server=server, request=request)
+            return problem
         for index, info in value.failures.items():
             results[index] = from_reply(info.code, info.message, env=labels[index], server=server, request=request)
         if type(target) is not list:
             self._fill(results)  # a batch reports errors in place
-            return
+            return ""
         for future, result in zip(target, results):
             if future.done():  # cancelled by its caller
                 continue
@@ -99,6 +154,7 @@ class _Pending:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+        return ""
 
     def fail(self, error: Callable[..., EnvError], *args: Any, **where: Any) -> None:
         """Fail every waiter with ``error(*args, env=its label, **where)``."""
@@ -115,24 +171,27 @@ class _Pending:
 
     def _fill(self, values: list[Any]) -> None:
         batch = self.target
-        batch.results[self.offset : self.offset + len(values)] = values
+        results, positions = batch.results, self.positions
+        if type(positions) is range:  # the common case: one contiguous run of the batch
+            results[positions.start : positions.stop] = values
+        else:
+            for position, value in zip(positions, values):
+                results[position] = value
         batch.remaining -= len(values)
         if batch.remaining <= 0 and not batch.future.done():
-            batch.future.set_result(batch.results)
+            batch.future.set_result(results)
 
-    def split(self, half: int) -> tuple[_Pending, _Pending]:
-        """The waiters of the first ``half`` sessions and of the rest (for a request too big for one frame)."""
-        labels = self.labels
+    def pick(self, indices: Sequence[int]) -> _Pending:
+        """The waiters of the sessions at ``indices`` of this many-request (same deadline)."""
+        labels = [self.labels[i] for i in indices]
         if type(self.target) is list:
-            target = self.target
-            return (
-                _Pending(target[:half], labels[:half], self.decoder, self.deadline),
-                _Pending(target[half:], labels[half:], self.decoder, self.deadline),
-            )
-        return (
-            _Pending(self.target, labels[:half], self.decoder, self.deadline, self.offset),
-            _Pending(self.target, labels[half:], self.decoder, self.deadline, self.offset + half),
-        )
+            return _Pending([self.target[i] for i in indices], labels, self.decoder, self.deadline)
+        return _Pending(self.target, labels, self.decoder, self.deadline, [self.positions[i] for i in indices])
+
+
+def _ignore_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: a keepalive ping that failed is no one's error
 
 
 # The argument list of each many-request, by type.
@@ -151,7 +210,7 @@ class EnvClient:
         request_timeout: float = 60.0,
         connect_timeout: float = 10.0,
         heartbeat: float = 5.0,
-        max_frame_bytes: int = 4 * 1024 * 1024,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
     ) -> None:
         self.url = url.rstrip("/")
         self.env = env
@@ -161,9 +220,7 @@ class EnvClient:
         self._connect_timeout = connect_timeout
         self._heartbeat = heartbeat
         self._max_frame_bytes = max_frame_bytes
-        obs_type = OBSERVATION_TYPES.get(env, Any)
-        self._batch_decoder = msgpack_decoder(Batch[StepResult[obs_type]])  # type: ignore[valid-type]
-        self._state_decoder = msgpack_decoder(STATE_TYPES.get(env, Any))
+        self.use_types(WireTypes())  # connect() reads the server's
         self._ids = itertools.count(1)
         self._sids = itertools.count(1)
         self._inflight: dict[int, _Pending] = {}
@@ -179,6 +236,7 @@ class EnvClient:
         self._ended: asyncio.Event | None = None
         self.frames_sent = 0
         self.requests_sent = 0
+        self.timeouts = 0  # sessions whose request got no answer within its deadline
 
     # -- lifecycle
 
@@ -189,13 +247,19 @@ class EnvClient:
         self._http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), headers=headers)
         try:
             self._ws = await asyncio.wait_for(
-                self._http.ws_connect(f"{self.url}/v1/mux", heartbeat=self._heartbeat, max_msg_size=0, compress=0),
+                self._http.ws_connect(f"{self.url}/v1/mux", heartbeat=self._heartbeat or None, max_msg_size=0, compress=0),
                 self._connect_timeout,
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            await self._http.close()
+        except BaseException as exc:  # also cancelled: the session is closed on every way out
+            await asyncio.shield(self._http.close())
             self.state = ClientState.BROKEN
-            raise EnvCrashed(f"cannot connect: {exc!r}", server=self.url) from exc
+            if isinstance(exc, aiohttp.WSServerHandshakeError) and exc.status in (401, 403):  # a wrong token or Origin
+                code = "UNAUTHORIZED" if exc.status == 401 else "FORBIDDEN"
+                raise from_reply(code, f"the server refused the connection (HTTP {exc.status})", server=self.url) from exc
+            if isinstance(exc, aiohttp.ClientError | asyncio.TimeoutError | OSError):
+                raise EnvCrashed(f"cannot connect: {exc!r}", server=self.url) from exc
+            raise
+        self.use_types(await fetch_wire_types(self._http, self.url, self.env, self._connect_timeout))
         self.state = ClientState.OPEN
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
@@ -203,7 +267,7 @@ class EnvClient:
         self._tasks = [
             asyncio.create_task(self._read_forever(), name=f"envclient-read {self.url}"),
             asyncio.create_task(self._write_forever(), name=f"envclient-write {self.url}"),
-            asyncio.create_task(self._expire_forever(), name=f"envclient-deadlines {self.url}"),
+            asyncio.create_task(self._tick_forever(), name=f"envclient-deadlines {self.url}"),
         ]
         return self
 
@@ -219,10 +283,14 @@ class EnvClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._ws is not None:
-            await asyncio.wait_for(self._ws.close(), 5.0) if not self._ws.closed else None
-        if self._http is not None and not was_new:
-            await self._http.close()
+        try:
+            if self._ws is not None and not self._ws.closed:
+                await asyncio.wait_for(self._ws.close(), 5.0)
+        except (asyncio.TimeoutError, aiohttp.ClientError, OSError):
+            pass  # the peer is gone: nothing to say goodbye to
+        finally:
+            if self._http is not None and not was_new:
+                await asyncio.shield(self._http.close())
 
     async def __aenter__(self) -> EnvClient:
         return await self.connect()
@@ -239,6 +307,12 @@ class EnvClient:
     @property
     def in_flight(self) -> int:
         return len(self._inflight)
+
+    def use_types(self, types: WireTypes) -> None:
+        """Decode observations and states into ``types`` from now on."""
+        self.wire_types = types
+        self._batch_decoder = msgpack_decoder(Batch[StepResult[types.observation]])  # type: ignore[name-defined]
+        self._state_decoder = msgpack_decoder(types.state)
 
     # -- typed calls
 
@@ -283,11 +357,22 @@ class EnvClient:
             future.set_result([])
             return future
         request = kind(next(self._ids), list(sids), list(args))
-        target = _Batch(future, len(request.sids))
+        size = len(request.sids)
+        if len(getattr(request, _ARGS[kind])) != size:
+            raise ValueError(f"{size} sessions but {len(args)} {_ARGS[kind]}")
         deadline = time.monotonic() + self._request_timeout
-        self._inflight[request.id] = _Pending(target, list(labels) if labels else request.sids, self._batch_decoder, deadline)
+        pending = _Pending(_Batch(future, size), list(labels) if labels else request.sids, self._batch_decoder, deadline, range(size))
+        self._inflight[request.id] = pending
         self._send(request)
         return future
+
+    def vstep(self, sids: list[int], actions: bytes, autoreset: str = "next_step", *, text: bool = False, label: Any = None) -> asyncio.Future[Columns]:
+        """Step many sessions in one columnar request (``actions``: k little-endian int64); the future gives ``Columns``."""
+        return self._call(VecStep(next(self._ids), sids, actions, autoreset, text), _columns_decoder, label)  # type: ignore[arg-type]
+
+    def vreset(self, sids: list[int], seeds: list[int | None], episodes: list[int] | None = None, *, text: bool = False, label: Any = None) -> asyncio.Future[Columns]:
+        """Reset many sessions in one columnar request (``seeds``: base seeds); the future gives ``Columns``."""
+        return self._call(VecReset(next(self._ids), sids, seeds, episodes, text), _columns_decoder, label)
 
     # -- machinery
 
@@ -360,12 +445,21 @@ class EnvClient:
                         self.frames_sent += 1
                         await ws.send_bytes(frame)
                     self.requests_sent += len(requests)
-        except (ConnectionError, aiohttp.ClientError, RuntimeError) as exc:
+        except Exception as exc:  # the connection (or this task) is gone: never stay OPEN without a writer
             self._broken(f"send failed: {exc!r}")
 
     def _frames(self, requests: list[MuxRequest]) -> list[bytes]:
-        """Encode ``requests``, halving the batch (or a many-request) until every frame fits the server's limit."""
-        frame = msgpack_encoder.encode(requests)
+        """Encode ``requests``, halving the batch (or a many-request) until every frame fits the server's limit.
+
+        What cannot be encoded, or does not fit even alone, fails its waiters here and is not sent.
+        """
+        try:
+            frame = _encoder.encode(requests)
+        except _ENCODE_ERRORS:
+            requests = self._encodable(requests)
+            if not requests:
+                return []
+            frame = _encoder.encode(requests)
         if len(frame) <= self._max_frame_bytes:
             return [frame]
         if len(requests) > 1:
@@ -374,19 +468,61 @@ class EnvClient:
         request = requests[0]
         if type(request) in _ARGS and len(request.sids) > 1:  # type: ignore[union-attr]
             return self._frames(self._split(request))  # type: ignore[arg-type]
-        return [frame]  # one request over the limit: the server answers FRAME_TOO_LARGE
+        pending = self._inflight.pop(request.id, None)
+        if pending is not None:
+            message = f"request of {len(frame):,} bytes exceeds the server's frame limit of {self._max_frame_bytes:,} bytes; it was not sent"
+            pending.fail(RequestTooLarge, message, code="FRAME_TOO_LARGE", server=self.url, request=request.id)
+        return []
+
+    def _encodable(self, requests: list[MuxRequest]) -> list[MuxRequest]:
+        """``requests`` without what msgpack cannot carry: each bad call fails alone with ``UnencodableAction``."""
+        kept: list[MuxRequest] = []
+        for request in requests:
+            try:
+                _encoder.encode(request)
+                kept.append(request)
+                continue
+            except _ENCODE_ERRORS as exc:
+                error = exc
+            pending = self._inflight.pop(request.id, None)
+            if pending is None:  # nobody waits any more
+                continue
+            field = _ARGS.get(type(request))
+            if field is None:
+                pending.fail(UnencodableAction, _unencodable(error), server=self.url, request=request.id)
+                continue
+            args = getattr(request, field)
+            good, bad = [], []
+            for index, arg in enumerate(args):
+                try:
+                    _encoder.encode(arg)
+                    good.append(index)
+                except _ENCODE_ERRORS as exc:
+                    bad.append((index, exc))
+            for index, exc in bad:
+                pending.pick([index]).fail(UnencodableAction, _unencodable(exc), server=self.url, request=request.id)
+            if not bad:  # the options of a ResetMany: every session's call fails
+                pending.fail(UnencodableAction, _unencodable(error), server=self.url, request=request.id)
+            elif good:
+                piece = msgspec.structs.replace(
+                    request, sids=[request.sids[i] for i in good], **{field: [args[i] for i in good]}  # type: ignore[union-attr]
+                )
+                self._inflight[piece.id] = pending.pick(good)
+                kept.append(piece)
+        return kept
 
     def _split(self, request: StepMany | ResetMany) -> list[MuxRequest]:
-        """Two requests, each for half of ``request``'s sessions, with the waiters split to match."""
+        """Two requests, each for half of ``request``'s sessions, with the waiters split to match (same deadline)."""
         pending = self._inflight.pop(request.id, None)
         if pending is None:  # nobody waits any more (failed or expired meanwhile)
             return []
         field = _ARGS[type(request)]
-        args, half = getattr(request, field), len(request.sids) // 2
+        args, size = getattr(request, field), len(request.sids)
+        half = size // 2
         halves: list[MuxRequest] = []
-        for part, waiters in zip((slice(None, half), slice(half, None)), pending.split(half)):
-            piece = msgspec.structs.replace(request, id=next(self._ids), sids=request.sids[part], **{field: args[part]})
-            self._inflight[piece.id] = waiters
+        for part in (range(half), range(half, size)):
+            piece = msgspec.structs.replace(request, id=next(self._ids), sids=request.sids[part.start : part.stop], **{field: args[part.start : part.stop]})
+            self._inflight[piece.id] = pending.pick(part)
             halves.append(piece)
         return halves
 
@@ -416,6 +552,8 @@ class EnvClient:
                 if rid == 0 and not reply.ok:  # the server could not read a whole frame
                     info = _error_decoder.decode(reply.body)
                     self._broken(f"server rejected a frame: {info.code}: {info.message}")
+                elif rid >= next(self._ids):  # (a late reply to an expired request is not an error)
+                    self._broken(f"protocol error: reply to request {rid}, which was never sent", ProtocolError)
                 continue
             if not reply.ok:
                 info = _error_decoder.decode(reply.body)
@@ -424,28 +562,36 @@ class EnvClient:
             try:
                 value = pending.decoder.decode(reply.body) if pending.decoder is not None else None
             except msgspec.MsgspecError as exc:
-                pending.fail(EnvError, f"cannot decode reply: {exc}", server=url, request=rid)
+                pending.fail(ProtocolError, f"cannot decode reply: {exc}", server=url, request=rid)
                 continue
-            pending.deliver(value, url, rid)
+            problem = pending.deliver(value, url, rid)
+            if problem:
+                self._broken(problem, ProtocolError)
 
-    async def _expire_forever(self) -> None:
-        interval = min(1.0, self._request_timeout / 4)
+    async def _tick_forever(self) -> None:
+        """Fail requests past their deadline; ping the server when nothing was sent for ``heartbeat`` seconds."""
+        interval = min(1.0, self._request_timeout / 4, self._heartbeat / 2 if self._heartbeat else 1.0)
+        frames, quiet_since = self.frames_sent, time.monotonic()
         while True:
             await asyncio.sleep(interval)
             now = time.monotonic()
-            expired = []
-            for rid, pending in self._inflight.items():  # insertion order == deadline order
-                if pending.deadline > now:
-                    break
-                expired.append(rid)
+            expired = [rid for rid, pending in self._inflight.items() if pending.deadline <= now]
             for rid in expired:
-                self._inflight.pop(rid).fail(RequestTimeout, f"no reply within {self._request_timeout:g} s", server=self.url, request=rid)
+                pending = self._inflight.pop(rid)
+                self.timeouts += len(pending.labels) if type(pending.labels) is list else 1
+                pending.fail(RequestTimeout, f"no reply within {self._request_timeout:g} s", server=self.url, request=rid)
+            if self.frames_sent != frames:
+                frames, quiet_since = self.frames_sent, now
+            elif self._heartbeat and now - quiet_since >= self._heartbeat:
+                quiet_since = now  # a sign of life: the server counts its sessions' idle time from the last frame
+                self._call(Ping(next(self._ids), 0), None, None).add_done_callback(_ignore_outcome)
 
-    def _broken(self, reason: str) -> None:
+    def _broken(self, reason: str, kind: type[EnvError] = EnvCrashed) -> None:
         if self.state is ClientState.OPEN:
             self.state = ClientState.BROKEN
             self.broken_reason = reason
-        self._fail_all(EnvCrashed, reason)
+            log.warning("connection to %s lost: %s", self.url, reason)
+        self._fail_all(kind, reason)
         if self._ended is not None:
             self._ended.set()
         for task in self._tasks:

@@ -16,7 +16,9 @@ class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
     env: str = "openspiel"
     env_options: dict[str, Any] = {}
     max_sessions: int | None = None  # per server; None: the server's default
-    token: str | None = None  # bearer token the servers require; None: none (local) / random (docker, swarm)
+    idle_ttl: float | None = None  # seconds before the servers free a session of a silent connection; None: their default
+    max_frame_bytes: int | None = None  # the servers' frame limit, which clients then respect; None: the default (4 MiB)
+    token: str | None = None  # bearer token the servers require; None: a fresh random one (local, docker, swarm), none (endpoints)
     start_timeout: float = 120.0  # seconds until every server must answer /health
     endpoints: tuple[str, ...] = ()  # backend "endpoints": URLs, or one DNS name as "dns://name:port"
     image: str = "envfleet:latest"  # backends "docker" and "swarm"
@@ -40,11 +42,23 @@ class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
     def server_count(self) -> int:
         return self.servers if self.servers is not None else (os.cpu_count() or 1)
 
+    def open_options(self) -> dict[str, Any]:
+        """Options a pool sends in each ``open``: none where its backend configured the servers itself.
+
+        Backends that start servers give ``env_options`` to them as operator settings (limits
+        included); servers someone else runs (``endpoints``) only take per-session options.
+        """
+        return dict(self.env_options) if self.backend == "endpoints" else {}
+
     def server_args(self) -> list[str]:
-        """Command-line arguments of ``envserver`` that select this fleet's environment."""
+        """Command-line arguments of ``envserver`` that select this fleet's environment (and its operator settings)."""
         args = ["--env", self.env]
         if self.env_options:
             args += ["--env-options", msgspec.json.encode(self.env_options).decode()]
         if self.max_sessions is not None:
             args += ["--max-sessions", str(self.max_sessions)]
+        if self.idle_ttl is not None:
+            args += ["--idle-ttl", repr(float(self.idle_ttl))]
+        if self.max_frame_bytes is not None:
+            args += ["--max-frame-bytes", str(self.max_frame_bytes)]
         return args

@@ -25,13 +25,12 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from .bench import percentile
 from .client import ClientState
-from .telemetry import Telemetry
+from .telemetry import LatencyHistogram, Telemetry
 
 STATIC = Path(__file__).parent / "dashboard_static"
 HISTORY_POINTS = 600  # samples kept for the chart (10 minutes at one per second)
-LATENCY_WINDOW = 20_000  # latencies the percentiles are taken over (the most recent ones)
+LATENCY_WINDOW = 20  # samples (intervals) the latency percentiles are taken over (the most recent ones)
 HEADERS = {
     "cache-control": "no-store",
     "content-security-policy": "default-src 'self'; img-src 'self' data:",
@@ -97,7 +96,7 @@ class Dashboard:
         self.url = ""
         self.history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY_POINTS)
         self.servers: dict[str, ServerView] = {}
-        self._latencies: collections.deque[float] = collections.deque(maxlen=LATENCY_WINDOW)
+        self._latencies: collections.deque[LatencyHistogram] = collections.deque(maxlen=LATENCY_WINDOW)
         self._latency: tuple[float | None, float | None] = (None, None)  # p50, p99 in seconds
         self._rates = (0.0, 0.0)
         self._runner: web.AppRunner | None = None
@@ -182,7 +181,7 @@ class Dashboard:
                 "kind": t.latency_kind,
                 "p50_ms": None if p50 is None else p50 * 1e3,
                 "p99_ms": None if p99 is None else p99 * 1e3,
-                "samples": len(self._latencies),
+                "samples": sum(window.count for window in self._latencies),
             },
             "history": list(self.history),
             "servers": [view.as_json() for view in self.servers.values()],
@@ -198,7 +197,7 @@ class Dashboard:
         while True:
             await asyncio.sleep(self.interval)
             now = time.monotonic()
-            totals = self.telemetry.take(LATENCY_WINDOW)
+            totals = self.telemetry.take()
             elapsed = max(now - last_time, 1e-9)
             steps_rate = max(0, totals.steps - last.steps) / elapsed
             episodes_rate = max(0, totals.episodes - last.episodes) / elapsed
@@ -210,10 +209,10 @@ class Dashboard:
                     "episodes_per_s": round(episodes_rate, 2),
                 }
             )
-            if totals.latencies:
-                self._latencies.extend(totals.latencies)
-                ordered = sorted(self._latencies)
-                self._latency = (percentile(ordered, 0.50), percentile(ordered, 0.99))
+            if totals.latency.count:
+                self._latencies.append(totals.latency)
+                recent = sum(self._latencies, LatencyHistogram())
+                self._latency = (recent.percentile(0.50), recent.percentile(0.99))
             last, last_time = totals, now
 
     async def _scrape_forever(self) -> None:

@@ -8,7 +8,10 @@
     │   ├── UnknownSession       the session was closed or expired on the server
     │   └── Unauthorized         missing or wrong token
     ├── EnvCrashed               the connection to the server died with the call in flight
+    │   └── ProtocolError        the server broke the mux protocol (short reply, unknown request id)
     ├── RequestTimeout           no answer within the deadline
+    ├── UnencodableAction        an action, seed or option msgpack cannot carry (also a TypeError)
+    ├── RequestTooLarge          the request exceeds the server's frame limit (also a ValueError)
     ├── FleetError               a backend could not start, replace or stop servers
     ├── PoolClosed               the pool (or client) is closed
     └── EvalError                an evaluation job cannot start or go on (output file, policy)
@@ -72,8 +75,20 @@ class EnvCrashed(EnvError):
     """The server or its connection died while the call was in flight."""
 
 
+class ProtocolError(EnvCrashed):
+    """The server broke the mux protocol; the connection is dropped (the pool replaces the server)."""
+
+
 class RequestTimeout(EnvError):
     """The server did not answer within the request deadline."""
+
+
+class UnencodableAction(EnvError, TypeError):
+    """An action, seed or option that msgpack cannot carry; refused before sending, the connection stays up."""
+
+
+class RequestTooLarge(EnvError, ValueError):
+    """The request does not fit the server's frame limit; refused (by the client, or the server) alone."""
 
 
 class FleetError(EnvError):
@@ -96,16 +111,19 @@ class PolicyFailed(EvalError):
         self.episode = episode
 
 
-_BY_CODE: dict[str, type[ServerReplyError]] = {
+_BY_CODE: dict[str, type[EnvError]] = {
     "INVALID_ACTION": InvalidAction,
     "VALIDATION_ERROR": InvalidAction,
     "EPISODE_OVER": EpisodeOver,
     "CAPACITY_REACHED": CapacityReached,
     "UNKNOWN_SESSION": UnknownSession,
     "UNAUTHORIZED": Unauthorized,
+    "FRAME_TOO_LARGE": RequestTooLarge,
 }
 
 
-def from_reply(code: str, message: str, **where: Any) -> ServerReplyError:
+def from_reply(code: str, message: str, **where: Any) -> EnvError:
     """The exception for a coded error reply."""
+    if code == "UNKNOWN_SESSION":
+        message += " (an EnvPool env re-opens it on its next reset)"
     return _BY_CODE.get(code, ServerReplyError)(f"{code}: {message}", code=code, **where)

@@ -4,7 +4,9 @@
 
 Policies are ``"random"`` (uniform over legal actions, seeded from each episode's seed, so a
 run is reproducible), ``"first-legal"``, a ``"module:function"`` to import, or a callable;
-custom ones are ``policy(observation) -> action``, sync or async, as for ``EnvPool.run``.
+custom ones are ``policy(observation) -> action``, sync or async, as for ``EnvPool.run``, or batched
+``policy(obs_batch, mask_batch) -> actions`` marked with ``rollout.vector.vectorized``, which play
+through ``VectorPool`` (numpy arrays, one columnar request per server per step).
 Re-running with the same ``out`` appends only the episodes not recorded yet (see
 ``rollout.results`` for the file and how a killed job's last line is repaired).
 """
@@ -13,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import IO, TYPE_CHECKING, Any
 
-from .errors import EnvError, EvalError, InvalidAction, PolicyFailed
+from .errors import EnvError, EvalError, InvalidAction, PolicyFailed, UnencodableAction
+from .policies import first_legal, random_legal
 from .pool import EnvPool, EpisodeRecord
 from .results import EpisodeLine, Header, Outcome, ResultsFile
 from .summary import EvalSummary, summarize
@@ -30,23 +32,9 @@ if TYPE_CHECKING:
 PolicyFactory = Callable[[int], Callable[[Any], Any]]  # episode seed -> observation -> action
 
 
-def _random(seed: int) -> Callable[[Any], Any]:
-    draw = random.Random(seed).random
-
-    def pick(observation: Any) -> Any:
-        legal = observation.legal_actions
-        return legal[int(draw() * len(legal))]
-
-    return pick
-
-
-def _first_legal(observation: Any) -> Any:
-    return observation.legal_actions[0]
-
-
 BUILTIN_POLICIES: dict[str, PolicyFactory] = {
-    "random": _random,
-    "first-legal": lambda seed: _first_legal,
+    "random": random_legal,
+    "first-legal": lambda seed: first_legal,
 }
 
 
@@ -149,8 +137,8 @@ def _say(stream: IO[str] | None, message: str) -> None:
 def _policy_error(exc: Exception, policy: str, out: str, kept: int) -> PolicyFailed:
     episode = getattr(exc, "episode", None)
     where = f"in episode {episode}" if episode is not None else "during the run"
-    if isinstance(exc, InvalidAction):
-        what = f"policy {policy} chose an illegal action {where}: {exc.message}"
+    if isinstance(exc, InvalidAction | UnencodableAction):
+        what = f"policy {policy} chose an {'illegal' if isinstance(exc, InvalidAction) else 'unencodable'} action {where}: {exc.message}"
     else:
         what = f"policy {policy} raised {type(exc).__name__}: {exc} {where}"
     return PolicyFailed(f"{what}; {kept:,} episodes are recorded in {out}; fix the policy and re-run to resume", episode=episode)
@@ -227,7 +215,7 @@ async def _play(
             telemetry.start_eval(episodes, episodes - todo)
         bar.start()  # also starts the clock
         try:
-            async for record in pool.run(factory, episodes, seed, skip=skip, per_episode=True):
+            async for record in _records(pool, factory, episodes, seed, skip):
                 info = record.info
                 line = EpisodeLine(
                     episode=record.episode, seed=record.seed, ret=record.reward, length=record.length,
@@ -238,15 +226,28 @@ async def _play(
                 bar.done += 1
                 if telemetry is not None:
                     telemetry.episode(record)
-        except EnvError as exc:
-            if isinstance(exc, InvalidAction):
+        except Exception as exc:
+            if telemetry is not None:
+                telemetry.error(exc)
+            # The policy's fault: it raised, or chose an illegal or unencodable action. A server,
+            # fleet or connection failure (any other EnvError) is reported as itself.
+            policy_fault = isinstance(exc, InvalidAction | UnencodableAction) or (
+                not isinstance(exc, EnvError) and getattr(exc, "episode", None) is not None
+            )
+            if policy_fault:
                 raise _policy_error(exc, name, results.path, len(skip) + len(played)) from exc
             raise
-        except Exception as exc:
-            if getattr(exc, "episode", None) is None:
-                raise
-            raise _policy_error(exc, name, results.path, len(skip) + len(played)) from exc
         finally:
             await bar.stop()
         seconds = time.perf_counter() - bar.started
     return played, seconds
+
+
+def _records(pool: EnvPool, factory: PolicyFactory, episodes: int, seed: int, skip: set[int]) -> AsyncIterator[EpisodeRecord]:
+    """The pool's episode records: through ``VectorPool`` when the policy is batched (``rollout.vector.vectorized``)."""
+    policy = factory(seed)
+    if getattr(policy, "vectorized", False):
+        from .vector import play_episodes
+
+        return play_episodes(pool.vector("disabled"), policy, episodes, seed, skip=skip)
+    return pool.run(factory, episodes, seed, skip=skip, per_episode=True)

@@ -3,11 +3,16 @@
 A Deployment of hardened envserver pods, a headless Service (its DNS name
 resolves to one address per ready pod, which the ``endpoints`` backend uses as
 ``dns://<name>.<namespace>.svc:8000``), a PodDisruptionBudget, an example
-HorizontalPodAutoscaler and the Secret holding the bearer token. The files in
-``deploy/k8s/`` are ``write(...)`` of the defaults; a test keeps them in step.
+HorizontalPodAutoscaler, and the Secret holding the bearer token only when a token
+is given: the defaults in ``deploy/k8s/`` (``write(...)`` of them; a test keeps them
+in step) carry no Secret, so ``kubectl apply -k`` cannot deploy a known token. Create
+it first: ``kubectl create secret generic envfleet-token --from-literal=token=...``.
 
-Kubernetes HTTP probes cannot take a header from a Secret, so the probes exec a
-tiny stdlib-only Python check that sends the token from the pod's environment.
+The token reaches the server as a file (the Secret mounted read-only under
+``/run/secrets/envfleet``, read with ``--token-file``), not as an environment
+variable that code the server runs could read. Kubernetes HTTP probes cannot take
+a header from a Secret, so the probes exec a tiny stdlib-only Python check that
+sends the token from that file.
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ from .config import FleetConfig
 __all__ = ["K8sOptions", "files", "manifests", "render", "write"]
 
 PORT = 8000
-PLACEHOLDER_TOKEN = "CHANGE-ME"  # replaced before deploying
+TOKEN_DIR = "/run/secrets/envfleet"  # where the Secret is mounted
+TOKEN_FILE = f"{TOKEN_DIR}/token"
 _PROBE = (
-    "import os, urllib.request as u; "
+    "import urllib.request as u; "
     f"u.urlopen(u.Request('http://127.0.0.1:{PORT}/health', "
-    "headers={'Authorization': 'Bearer ' + os.environ['ENVSERVER_TOKEN']}), timeout=2)"
+    f"headers={{'Authorization': 'Bearer ' + open('{TOKEN_FILE}').read().strip()}}), timeout=2)"
 )
 
 
@@ -38,7 +44,7 @@ class K8sOptions(msgspec.Struct, frozen=True, kw_only=True):
     name: str = "envfleet"
     replicas: int = 2
     image: str = "envfleet:latest"
-    token: str | None = None  # None: a placeholder to replace before deploying
+    token: str | None = None  # None: no Secret in the manifests; create it with kubectl (see the README)
     env: str = "openspiel"
     env_options: dict[str, Any] = msgspec.field(default_factory=lambda: {"game": "catch"})
     max_sessions: int | None = None
@@ -69,10 +75,7 @@ def _deployment(opts: K8sOptions) -> dict[str, Any]:
         "name": "envserver",
         "image": opts.image,
         "imagePullPolicy": "IfNotPresent",
-        "command": ["envserver", "--host", "0.0.0.0", "--port", str(PORT), *args],
-        "env": [
-            {"name": "ENVSERVER_TOKEN", "valueFrom": {"secretKeyRef": {"name": _secret_name(opts), "key": "token"}}}
-        ],
+        "command": ["envserver", "--host", "0.0.0.0", "--port", str(PORT), "--token-file", TOKEN_FILE, *args],
         "ports": [{"name": "http", "containerPort": PORT, "protocol": "TCP"}],
         "resources": {
             "requests": {"cpu": opts.cpu_request, "memory": opts.memory_request},
@@ -90,7 +93,7 @@ def _deployment(opts: K8sOptions) -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]},
             "seccompProfile": seccomp,
         },
-        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, {"name": "token", "mountPath": TOKEN_DIR, "readOnly": True}],
     }
     return {
         "apiVersion": "apps/v1",
@@ -110,10 +113,14 @@ def _deployment(opts: K8sOptions) -> dict[str, Any]:
                         "runAsNonRoot": True,
                         "runAsUser": 65534,
                         "runAsGroup": 65534,
+                        "fsGroup": 65534,  # the token file is root:65534, mode 0440
                         "seccompProfile": seccomp,
                     },
                     "containers": [container],
-                    "volumes": [{"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}}],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi"}},
+                        {"name": "token", "secret": {"secretName": _secret_name(opts), "defaultMode": 0o440}},
+                    ],
                 },
             },
         },
@@ -165,12 +172,11 @@ def _secret(opts: K8sOptions) -> dict[str, Any]:
         "kind": "Secret",
         "metadata": _meta(opts, _secret_name(opts)),
         "type": "Opaque",
-        "stringData": {"token": opts.token or PLACEHOLDER_TOKEN},
+        "stringData": {"token": opts.token},
     }
 
 
 _PARTS = {
-    "secret.yaml": _secret,
     "deployment.yaml": _deployment,
     "service.yaml": _service,
     "pdb.yaml": _pdb,
@@ -178,12 +184,17 @@ _PARTS = {
 }
 
 
+def _parts(opts: K8sOptions) -> dict[str, Any]:
+    """File name -> maker of each manifest; the Secret only when the options hold a token."""
+    return {"secret.yaml": _secret, **_PARTS} if opts.token else dict(_PARTS)
+
+
 def manifests(opts: K8sOptions | None = None) -> list[dict[str, Any]]:
-    """The Secret, Deployment, headless Service, PodDisruptionBudget and HPA, as dicts."""
+    """The Deployment, headless Service, PodDisruptionBudget and HPA (and the Secret, given a token), as dicts."""
     opts = opts or K8sOptions()
     if opts.replicas < 1:
         raise ValueError("replicas must be at least 1")
-    return [make(opts) for make in _PARTS.values()]
+    return [make(opts) for make in _parts(opts).values()]
 
 
 # -- a small YAML writer (block style; strings quoted whenever plain style could misread them)
@@ -243,11 +254,12 @@ def files(opts: K8sOptions | None = None) -> dict[str, str]:
     """File name -> YAML text of each manifest, plus a ``kustomization.yaml`` listing them."""
     opts = opts or K8sOptions()
     header = "# Generated by `rollout fleet k8s-manifest --out DIR`; edit the generator (rollout/k8s.py), not this file.\n"
-    out = {name: header + render([make(opts)]) for name, make in _PARTS.items()}
+    parts = _parts(opts)
+    out = {name: header + render([make(opts)]) for name, make in parts.items()}
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
         "kind": "Kustomization",
-        "resources": list(_PARTS),
+        "resources": list(parts),
     }
     out["kustomization.yaml"] = header + render([kustomization])
     return out

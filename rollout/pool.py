@@ -17,16 +17,19 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from envserver.protocol import StepResult
+from envserver.protocol import StepResult, episode_seed
 
-from .client import ClientState, EnvClient
+from .client import DEFAULT_MAX_FRAME_BYTES, ClientState, EnvClient
 from .config import FleetConfig
-from .errors import EnvCrashed, EnvError, PoolClosed
+from .errors import EnvCrashed, EnvError, FleetError, PoolClosed, RequestTimeout, UnknownSession
 from .fleet import FleetBackend, make_backend
+
+if TYPE_CHECKING:
+    from .vector import VectorPool
 
 log = logging.getLogger("rollout.pool")
 
@@ -34,12 +37,25 @@ Policy = Callable[[Any], Any]  # observation -> action, or an awaitable of one
 
 
 class PoolConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """How the pool talks to its servers."""
+    """How the pool talks to its servers.
+
+    ``heartbeat``: seconds between keepalive pings of an idle connection (and WebSocket pings);
+    they keep the pool's sessions alive on the servers through any pause of the caller.
+    ``max_episode_retries``: how often ``run`` replays one episode (see ``RETRIED``).
+    """
 
     n: int = 256
     request_timeout: float = 60.0
     heartbeat: float = 5.0
-    max_episode_retries: int = 3  # re-runs of an episode whose server died
+    max_episode_retries: int = 3
+
+
+#: The errors after which ``EnvPool.run`` replays an episode from its seed: its server died
+#: (``EnvCrashed``, including ``ProtocolError``), its session expired (``UnknownSession``) or
+#: it got no answer in time (``RequestTimeout``). Every other error ends the run: the policy
+#: raised, an action was invalid or unencodable, a request was too large, or the fleet could
+#: not replace a server (``FleetError``).
+RETRIED: tuple[type[EnvError], ...] = (EnvCrashed, UnknownSession, RequestTimeout)
 
 
 class EpisodeRecord(msgspec.Struct, frozen=True):
@@ -58,24 +74,18 @@ class PoolState(enum.Enum):
     CLOSED = "closed"
 
 
-def episode_seed(seed: int, episode: int) -> int:
-    """The seed of episode ``episode`` of a run seeded ``seed`` (SplitMix64 of both)."""
-    z = (seed * 0x9E3779B97F4A7C15 + (episode + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 1  # 63 bits: fits every seed type downstream
-
-
 class _Slot:
     """One server of the pool: its URL, its client and the envs placed on it."""
 
-    def __init__(self, url: str, client: EnvClient) -> None:
+    def __init__(self, url: str, client: EnvClient, options: dict[str, Any]) -> None:
         self.url = url
         self.client = client
+        self.options = options  # the sessions' open options
         self.envs: list[Env] = []
         self.ready = asyncio.Event()
         self.ready.set()
         self.replacements = 0  # also the session generation: an episode started before a replacement is lost
+        self.failure: FleetError | None = None  # why the last replacement failed (cleared when one succeeds)
 
 
 class Env:
@@ -93,10 +103,17 @@ class Env:
     def server(self) -> str:
         return self._slot.url
 
-    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> Awaitable[StepResult[Any]]:
-        """Start an episode; the same seed gives the same episode."""
-        self._generation = self._slot.replacements
-        return self._slot.client.reset(self.sid, seed, options, label=self.index)
+    async def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> StepResult[Any]:
+        """Start an episode; the same seed gives the same episode. A session the server expired is opened again."""
+        slot = self._slot
+        if slot.failure is not None:
+            raise slot.failure
+        self._generation = slot.replacements
+        try:
+            return await slot.client.reset(self.sid, seed, options, label=self.index)
+        except UnknownSession:
+            await slot.client.open(self.sid, None, slot.options, label=self.index)
+            return await slot.client.reset(self.sid, seed, options, label=self.index)
 
     def step(self, action: Any) -> Awaitable[StepResult[Any]]:
         """Apply one action; gives observation, reward, terminated, truncated, info."""
@@ -116,11 +133,16 @@ class Env:
         return self._slot.client.get_state(self.sid, label=self.index)
 
     async def wait_ready(self, timeout: float) -> None:
-        """Wait until this env's server is usable (after a replacement)."""
+        """Wait until this env's server is usable (after a replacement); raise ``FleetError`` if it could not be replaced."""
         slot = self._slot
-        if slot.client.state is not ClientState.OPEN:
+        if slot.client.state is not ClientState.OPEN and slot.failure is None:
             slot.ready.clear()  # dead, and the pool's watcher may not have run yet: it sets this again
-        await asyncio.wait_for(slot.ready.wait(), timeout)
+        try:
+            await asyncio.wait_for(slot.ready.wait(), timeout)
+        except TimeoutError:
+            raise FleetError(f"server {slot.url} was not replaced within {timeout:g} s", env=self.index, server=slot.url) from None
+        if slot.failure is not None:
+            raise slot.failure
 
     def __repr__(self) -> str:
         return f"Env(index={self.index}, server={self._slot.url!r})"
@@ -191,7 +213,7 @@ class EnvPool:
             self.backend = make_backend(self.fleet_config)
             urls = await self.backend.start()
             clients = await asyncio.gather(*(self._connect(url) for url in urls))
-            self._slots = [_Slot(url, client) for url, client in zip(urls, clients)]
+            self._slots = [_Slot(url, client, self.fleet_config.env_options) for url, client in zip(urls, clients)]
             for index in range(self.config.n):
                 slot = self._slots[index % len(self._slots)]
                 env = Env(index, slot.client.new_sid(), slot)
@@ -228,41 +250,70 @@ class EnvPool:
             token=self.backend.token,
             request_timeout=self.config.request_timeout,
             heartbeat=self.config.heartbeat,
+            max_frame_bytes=self.fleet_config.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
         )
         return await client.connect()
 
     async def _open_sessions(self, client: EnvClient, envs: list[Env]) -> None:
-        options = self.fleet_config.env_options
+        options = self.fleet_config.open_options()
         await asyncio.gather(*(client.open(env.sid, None, options, label=env.index) for env in envs))
 
     async def _watch(self, slot: _Slot) -> None:
-        """Replace the slot's server whenever its connection dies."""
-        assert self.backend is not None
-        while self.state is PoolState.OPEN:
-            await slot.client.wait_broken()
-            if self.state is not PoolState.OPEN:
-                return
-            lost_at = time.monotonic()
-            slot.ready.clear()
-            slot.replacements += 1  # from now on, episodes begun on the old server fail their steps
-            await slot.client.close()
-            old = slot.url
-            log.warning("server %s lost (%s); replacing it", self.backend.describe(old), slot.client.broken_reason)
+        """Replace the slot's server whenever its connection dies; a failure reaches the slot's callers."""
+        try:
             while self.state is PoolState.OPEN:
-                client = None
-                try:
+                await slot.client.wait_broken()
+                if self.state is not PoolState.OPEN:
+                    return
+                await self._replace(slot)
+        except Exception as exc:  # a bug here must not strand the slot's callers
+            log.exception("the watcher of %s failed", slot.url)
+            slot.failure = FleetError(f"the pool stopped watching {slot.url}: {exc!r}", server=slot.url)
+            slot.ready.set()
+            raise
+
+    async def _replace(self, slot: _Slot) -> None:
+        """Start a new server for the slot and re-open its sessions, retrying with backoff.
+
+        If no attempt succeeds within the fleet's ``start_timeout``, ``slot.failure`` tells
+        every waiting and later call why (a ``FleetError`` with the cause); attempts go on
+        in the background, and the first that succeeds clears it.
+        """
+        assert self.backend is not None
+        lost_at = time.monotonic()
+        slot.ready.clear()
+        slot.replacements += 1  # from now on, episodes begun on the old server fail their steps
+        await slot.client.close()
+        old = slot.url
+        log.warning("server %s lost (%s); replacing it", self.backend.describe(old), slot.client.broken_reason)
+        timeout = self.fleet_config.start_timeout
+        deadline, delay = lost_at + timeout, 0.5
+        cause, error = f"no new server was up within {timeout:g} s (FleetConfig.start_timeout)", None
+        while self.state is PoolState.OPEN:
+            client = None
+            try:
+                async with asyncio.timeout(max(1.0, deadline - time.monotonic()) if slot.failure is None else timeout):
                     url = await self.backend.replace(old)
                     client = await self._connect(url)
                     await self._open_sessions(client, slot.envs)
-                    slot.url, slot.client = url, client  # swapped only once every session is open
-                    break
-                except EnvError as exc:
-                    log.warning("replacing %s failed: %s; retrying", old, exc)
-                    if client is not None:
-                        await client.close()
-                    await asyncio.sleep(1.0)
-            self.replacements_log.append((old, lost_at, time.monotonic()))
-            slot.ready.set()
+                slot.url, slot.client, slot.failure = url, client, None  # swapped only once every session is open
+                break
+            except BaseException as exc:  # Docker errors, port conflicts, a missing image, a hung daemon call: all reported
+                if client is not None:
+                    await asyncio.shield(client.close())
+                if not isinstance(exc, Exception):  # cancelled: the pool is closing
+                    raise
+                if not (isinstance(exc, TimeoutError) and not str(exc)):  # not just this attempt's deadline: a cause
+                    cause, error = (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), exc
+                if slot.failure is None and time.monotonic() >= deadline - delay:
+                    slot.failure = FleetError(f"cannot replace the lost server {old}: {cause}", server=old)
+                    slot.failure.__cause__ = error or exc
+                    slot.ready.set()  # wake the waiting calls: they raise slot.failure
+                log.warning("replacing %s failed: %r; retrying in %.1f s", old, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.replacements_log.append((old, lost_at, time.monotonic()))
+        slot.ready.set()
 
     def _install_sigterm(self) -> None:
         """Turn SIGTERM into cancellation of the task that owns the pool, so cleanup runs."""
@@ -316,6 +367,12 @@ class EnvPool:
             raise ValueError(f"{len(actions)} actions for {len(ids)} envs")
         return await self._batch("step", ids, actions, return_exceptions)
 
+    def vector(self, autoreset: str = "next_step", *, batch_size: int | None = None, text: bool = False) -> VectorPool:
+        """The pool's envs as one numpy batch (``rollout.vector.VectorPool``), auto-reset by the servers."""
+        from .vector import VectorPool
+
+        return VectorPool(self, autoreset, batch_size=batch_size, text=text)
+
     async def states(self, env_ids: Sequence[int] | None = None) -> list[Any]:
         ids = range(self.n) if env_ids is None else env_ids
         self._check_open()
@@ -326,6 +383,10 @@ class EnvPool:
         results: list[Any] = [None] * len(ids)
         pending = []
         for slot, positions, sids, labels in self._plan(ids):
+            if slot.failure is not None:
+                for position in positions:
+                    results[position] = slot.failure
+                continue
             if op == "reset":
                 for index in labels:
                     self.envs[index]._generation = slot.replacements
@@ -342,11 +403,22 @@ class EnvPool:
         for positions, future in pending:
             for position, value in zip(positions, await future):
                 results[position] = value
+        if op == "reset":
+            await self._reset_expired(ids, args, results)
         if not return_exceptions:
             for value in results:
                 if isinstance(value, BaseException):
                     raise value
         return results
+
+    async def _reset_expired(self, ids: Sequence[int], seeds: Sequence[Any], results: list[Any]) -> None:
+        """Open again the sessions the servers expired (``UnknownSession``) and reset them once more."""
+        expired = [position for position, value in enumerate(results) if isinstance(value, UnknownSession)]
+        if not expired:
+            return
+        outcomes = await asyncio.gather(*(self.envs[ids[p]].reset(seeds[p]) for p in expired), return_exceptions=True)
+        for position, outcome in zip(expired, outcomes):
+            results[position] = outcome
 
     def _drop_lost(
         self, slot: _Slot, positions: list[int], sids: list[int], labels: list[int], results: list[Any]
@@ -395,8 +467,11 @@ class EnvPool:
         """Play ``episodes`` episodes with at most n in flight; yield each record as it finishes.
 
         Episode i is seeded by ``episode_seed(seed, i)`` alone, so its result does not depend
-        on which env or server ran it. An episode whose server dies is played again from its
-        seed on the replacement (up to ``max_episode_retries`` times); each is reported once.
+        on which env or server ran it. An episode that fails with one of ``RETRIED`` (its
+        server died, its session expired, a request timed out) is played again from its seed,
+        on the replacement server if there is one, up to ``max_episode_retries`` times; each
+        is reported once. Any other error (the policy raised, an invalid action, a server
+        that cannot be replaced: ``FleetError``) ends the run.
         ``skip`` lists episode indices not to play (e.g. already recorded by a resumed job).
         With ``per_episode=True``, ``policy(episode_seed)`` is called at the start of every
         episode (and retry) and returns that episode's observation -> action callable, e.g.
@@ -440,10 +515,12 @@ class EnvPool:
             try:
                 act = policy(episode_seed(seed, episode)) if per_episode else policy
                 return await self._play(env, act, episode, seed, options, retries)
-            except EnvCrashed:
+            except RETRIED as exc:
                 retries += 1
                 if retries > self.config.max_episode_retries:
+                    exc.add_note(f"gave up after {retries - 1} retries (PoolConfig.max_episode_retries)")
                     raise
+                log.info("replaying episode %d (%s: %s)", episode, type(exc).__name__, exc)
                 await env.wait_ready(self.fleet_config.start_timeout + self.config.request_timeout)
 
     async def _play(self, env: Env, policy: Policy, episode: int, seed: int, options: dict[str, Any] | None, retries: int) -> EpisodeRecord:

@@ -225,8 +225,8 @@ class SlowEchoEnv(EchoEnv):
         time.sleep(0.002 * (len(action.message) % 3))
         return super().step(action)
 
-envs._REGISTRY["faulty"] = "__main__:FaultyEnv"
-envs._REGISTRY["slow_echo"] = "__main__:SlowEchoEnv"
+envs.register("faulty", FaultyEnv)
+envs.register("slow_echo", SlowEchoEnv)
 sys.argv[0] = "envserver"
 from envserver.__main__ import main
 main()
@@ -235,8 +235,8 @@ main()
 
 @pytest.fixture(scope="session")
 def test_envs_server(shared_server: ServerFactory) -> ServerProcess:
-    """A server whose default env is ``faulty``, that also offers ``slow_echo`` (see above)."""
-    return shared_server("--env", "faulty", script=TEST_ENVS_SCRIPT)
+    """A server whose default env is ``faulty``, that also serves ``slow_echo`` (see above)."""
+    return shared_server("--env", "faulty", "--env", "slow_echo", script=TEST_ENVS_SCRIPT)
 
 
 @pytest.fixture

@@ -5,9 +5,25 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import msgspec
+
 from ..env import Environment
 from ..errors import ServerError
-from ..protocol import ErrorCode, EchoAction, EchoObservation, EchoState, StepResult
+from ..protocol import ErrorCode, StepResult
+
+
+class EchoAction(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    message: str = ""
+
+
+class EchoObservation(msgspec.Struct, gc=False):
+    echoed_message: str
+    message_length: int
+
+
+class EchoState(msgspec.Struct, gc=False):
+    episode_id: str | None
+    step_count: int
 
 
 class EchoEnv(Environment[EchoAction, EchoObservation, EchoState]):
@@ -17,6 +33,7 @@ class EchoEnv(Environment[EchoAction, EchoObservation, EchoState]):
     Observation = EchoObservation
     State = EchoState
     tools = {"echo_message": "Echo a message back."}
+    session_options = frozenset[str]()  # nothing to choose
 
     def __init__(self, **options: Any) -> None:
         self._episode_id: str | None = None

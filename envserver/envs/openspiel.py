@@ -11,21 +11,17 @@ import functools
 import itertools
 import os
 from array import array
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import msgspec
 import pyspiel
 
+from ..columns import ColumnBatch, ColumnSpec
 from ..env import Environment
 from ..errors import ServerError
-from ..protocol import (
-    ErrorCode,
-    OpenSpielAction,
-    OpenSpielObservation,
-    OpenSpielState,
-    StepResult,
-    Tensor,
-)
+from ..protocol import ErrorCode, StepResult, Tensor
+from .openspiel_types import OpenSpielAction, OpenSpielObservation, OpenSpielState
 from ..rng import SeededRandom
 
 Policy = Callable[[SeededRandom, list[int]], int]
@@ -67,14 +63,17 @@ class _Game:
         if initial.current_player() == _CHANCE:
             self.initial_chance = tuple(initial.chance_outcomes())
         self.num_players = self.game.num_players()
+        self.terminal_rewards = game_type.reward_model == pyspiel.GameType.RewardModel.TERMINAL  # returns are 0 until the end
         self.tensor_shape: tuple[int, ...] = ()
-        self.tensor: Callable[[Any, int], bytes] | None = None  # the agent's tensor as float32 bytes
+        self.tensor: _TensorWriter | None = None  # the agent's tensor as float32 bytes
         if game_type.provides_information_state_tensor:
             self.tensor_shape = tuple(self.game.information_state_tensor_shape())
-            self.tensor = _tensor_bytes(self.game, pyspiel.IIGObservationType(perfect_recall=True), "information_state_tensor")
+            self.tensor = _TensorWriter(self.game, pyspiel.IIGObservationType(perfect_recall=True), "information_state_tensor")
         elif game_type.provides_observation_tensor:
             self.tensor_shape = tuple(self.game.observation_tensor_shape())
-            self.tensor = _tensor_bytes(self.game, None, "observation_tensor")
+            self.tensor = _TensorWriter(self.game, None, "observation_tensor")
+        self.column_spec = ColumnSpec(self.tensor_shape, self.game.num_distinct_actions()) if self.tensor else None
+        self.mask_rows: dict[tuple[int, ...], bytes] = {}  # legal actions -> mask row, built once per distinct set
         self.render: Callable[[Any, int], str]  # the agent's view as text
         if game_type.provides_observation_string:
             self.render = pyspiel.State.observation_string
@@ -84,27 +83,38 @@ class _Game:
             self.render = lambda state, player: str(state)
 
 
-def _tensor_bytes(game: Any, observation_type: Any, method: str) -> Callable[[Any, int], bytes]:
-    """A function writing a state's tensor for a player as float32 bytes.
+class _TensorWriter:
+    """Writes a state's tensor for a player as float32 bytes into one reusable buffer.
 
-    pyspiel's Observation object fills one reusable buffer (no list of floats per step,
-    and no numpy import); games without an observer fall back to the state's own method.
+    pyspiel's Observation object fills the buffer in place (no list of floats per step);
+    games without an observer fall back to the state's own method.
     """
-    try:
-        observer = game.make_observer(observation_type, {}) if observation_type else game.make_observer({})
-        buffer = pyspiel._Observation(game, observer)
-    except (pyspiel.SpielError, RuntimeError, TypeError):
-        buffer = None
-    if buffer is not None and buffer.has_tensor():
-        view = memoryview(buffer)  # set_from rewrites the same memory, so one view serves every call
 
-        def from_observer(state: Any, player: int) -> bytes:
-            buffer.set_from(state, player)
-            return view.tobytes()
+    def __init__(self, game: Any, observation_type: Any, method: str) -> None:
+        try:
+            observer = game.make_observer(observation_type, {}) if observation_type else game.make_observer({})
+            buffer = pyspiel._Observation(game, observer)
+        except (pyspiel.SpielError, RuntimeError, TypeError):
+            buffer = None
+        self._buffer = buffer if buffer is not None and buffer.has_tensor() else None
+        self._view = memoryview(self._buffer).cast("B") if self._buffer is not None else None  # set_from rewrites this memory
+        self._read = getattr(pyspiel.State, method)
+        self.write: Callable[[Any, int], memoryview] = self._write_in_place if self._buffer is not None else self._write_copy
 
-        return from_observer
-    read = getattr(pyspiel.State, method)
-    return lambda state, player: array("f", read(state, player)).tobytes()
+    def _write_in_place(self, state: Any, player: int) -> memoryview:
+        """The tensor's bytes, valid until the next call."""
+        self._buffer.set_from(state, player)  # type: ignore[union-attr]
+        return self._view  # type: ignore[return-value]
+
+    def in_place(self) -> tuple[Callable[[Any, int], None] | None, memoryview | None]:
+        """The buffer's ``set_from`` and the view it fills, for loops that call them directly (None, None without an observer)."""
+        return (self._buffer.set_from, self._view) if self._buffer is not None else (None, None)
+
+    def _write_copy(self, state: Any, player: int) -> memoryview:
+        return memoryview(array("f", self._read(state, player))).cast("B")
+
+    def __call__(self, state: Any, player: int) -> bytes:
+        return self.write(state, player).tobytes()
 
 
 @functools.lru_cache(maxsize=64)
@@ -133,6 +143,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
     Action = OpenSpielAction
     Observation = OpenSpielObservation
     State = OpenSpielState
+    session_options = frozenset({"game", "params", "agent_player", "opponent", "action_names", "text", "tensor"})
 
     def __init__(self, **options: Any) -> None:
         self._defaults = self._config(options, GameConfig())
@@ -174,6 +185,67 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> StepResult[OpenSpielObservation]:
+        return StepResult(self._observation(self._begin(seed, options), "initial"))
+
+    def step(self, action: OpenSpielAction) -> StepResult[OpenSpielObservation]:
+        before = self._return
+        player = self._apply(action.action_id)
+        terminated = player == _TERMINAL
+        observation = self._observation(player, "terminal" if terminated else "playing")
+        return StepResult(observation, self._return - before, terminated)
+
+    # -- columnar batches
+
+    def column_spec(self) -> ColumnSpec | None:
+        return (self._game or self._default_game).column_spec
+
+    @classmethod
+    def write_batch(cls, envs: Sequence[Any], actions: Sequence[int], batch: ColumnBatch, resets: Mapping[int, int | None]) -> None:
+        """Play each row and write its tensor in place, its mask row from a per-game cache: no observation object."""
+        spec, size, obs = batch.spec, batch.row_bytes, batch.obs_view
+        rewards, terminated, masks, text = batch.reward, batch.terminated, batch.mask, batch.text
+        game = write = mask_rows = set_from = view = None
+        for row, env in enumerate(envs):
+            try:
+                if row in resets:
+                    player = env._begin(resets[row], None)
+                    before = None
+                else:
+                    before = env._return
+                    player = env._apply(actions[row])
+                if env._game is not game:
+                    game = env._game
+                    if game.column_spec != spec:
+                        raise ServerError(ErrorCode.VALIDATION_ERROR, f"session plays {env._cfg.game}, not the batch's game: reset it")
+                    set_from, view = game.tensor.in_place()
+                    write, mask_rows = game.tensor.write, game.mask_rows
+                state, agent = env._state, env._cfg.agent_player
+                legal = env._settle(player)
+                start = row * size
+                if set_from is not None:
+                    set_from(state, agent)
+                    obs[start : start + size] = view
+                else:
+                    obs[start : start + size] = write(state, agent)
+                if before is not None:
+                    rewards[row] = env._return - before
+                    terminated[row] = env._over
+                key = tuple(legal)
+                mask = mask_rows.get(key)
+                if mask is None:
+                    mask = mask_rows[key] = batch.mask_row(legal)
+                masks[row] = mask
+                if text is not None:
+                    text[row] = game.render(state, agent)
+            except Exception as exc:
+                if env._game is not game:  # the check above failed: compare the next row afresh
+                    game = None
+                batch.fail(row, exc)
+
+    # -- episode internals
+
+    def _begin(self, seed: int | None, options: dict[str, Any] | None) -> int:
+        """Start an episode; return the player to move."""
         if options:
             config = self._config(options, self._defaults)
             game = load_game(config)
@@ -193,27 +265,36 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         self._state = game.game.new_initial_state()
         if game.initial_chance:  # what _advance would draw first, without asking pyspiel again
             self._state.apply_action(self._rng.weighted(game.initial_chance))
-        return StepResult(self._observation(self._advance(), "initial"))
+        return self._advance()
 
-    def step(self, action: OpenSpielAction) -> StepResult[OpenSpielObservation]:
-        if action.action_id not in self._legal:
+    def _apply(self, action_id: int) -> int:
+        """Play the agent's action and what follows until its next turn; return the player to move."""
+        if action_id not in self._legal:
             if self._state is None or self._over:
                 raise ServerError(ErrorCode.EPISODE_OVER, "no episode is running: call reset first")
             raise ServerError(
                 ErrorCode.INVALID_ACTION,
-                f"action {action.action_id} is not legal; legal actions: {self._legal}",
+                f"action {action_id} is not legal; legal actions: {self._legal}",
             )
         state = self._state
-        before = self._return
         if self._player == _SIMULTANEOUS:
-            state.apply_actions(self._joint_action(action.action_id))
+            state.apply_actions(self._joint_action(action_id))
         else:
-            state.apply_action(action.action_id)
+            state.apply_action(action_id)
         self._steps += 1
-        player = self._advance()
-        terminated = player == _TERMINAL
-        observation = self._observation(player, "terminal" if terminated else "playing")
-        return StepResult(observation, self._return - before, terminated)
+        player = state.current_player()
+        if player == self._cfg.agent_player or player == _TERMINAL:  # the common case, without a call to _advance
+            return player
+        return self._advance()
+
+    def _settle(self, player: int) -> list[int]:
+        """Record who moves now, the agent's legal actions and its return; return the legal actions."""
+        state, agent = self._state, self._cfg.agent_player
+        self._player = player
+        self._over = over = player == _TERMINAL
+        self._legal = legal = [] if over else state.legal_actions(agent)
+        self._return = state.player_return(agent) if over or not self._game.terminal_rewards else 0.0  # type: ignore[union-attr]
+        return legal
 
     def state(self) -> OpenSpielState:
         cfg = self._cfg
@@ -231,8 +312,6 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
 
     def close(self) -> None:
         self._state = None
-
-    # -- internals
 
     def _advance(self) -> int:
         """Play chance and opponent moves until it is the agent's turn or the game ends; return the player to move."""
@@ -260,11 +339,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
         state, game, cfg = self._state, self._game, self._cfg
         assert game is not None
         agent = cfg.agent_player
-        self._player = player
-        self._over = player == _TERMINAL
-        legal = [] if self._over else state.legal_actions(agent)
-        returns = state.returns()
-        self._legal, self._return = legal, returns[agent]
+        legal = self._settle(player)
         tensor = None
         if game.tensor is not None and cfg.tensor:
             tensor = Tensor(game.tensor_shape, data=game.tensor(state, agent))
@@ -275,7 +350,7 @@ class OpenSpielEnv(Environment[OpenSpielAction, OpenSpielObservation, OpenSpielS
             info_state=tensor,
             text=game.render(state, agent) if cfg.text else None,
             rewards=state.rewards(),
-            returns=returns,
+            returns=state.returns(),
             opponent_last_action=self._opponent_last,
             legal_action_names=[state.action_to_string(agent, a) for a in legal] if cfg.action_names else None,
         )

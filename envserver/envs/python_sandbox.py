@@ -6,15 +6,20 @@ step (wall clock, output size) and per interpreter (CPU seconds, memory, file si
 processes) are reported in the observation: a timeout, crash or CPU exhaustion costs the
 interpreter (``state_lost``), never the session or the server.
 
-Task mode: ``reset(options={"task": name})`` (or ``"random"``, picked by the seed) loads
-one of ``sandbox_tasks.TASKS``; after each step its hidden tests run in the same
-interpreter and the reward is the fraction that pass. The episode terminates when all
-pass and is truncated after ``max_steps`` steps. Without a task the reward is 0 and the
-episode only ends on reset or close.
+Isolation (``sandbox_isolation.py``): where bubblewrap and user namespaces are available
+every interpreter and every grading process runs in namespaces of its own (private tmpfs,
+no network, its own pids, no view of the server's files); otherwise, or with the
+operator option ``isolation="process"``, as a plain child process, and a warning is
+logged. ``reset``'s info says which (``info["isolation"]``).
 
-The hidden tests run inside the agent's interpreter: they catch honest mistakes, but code
-written to subvert them (patched builtins, hooks) can; run adversarial evaluations with
-the tests in a separate process.
+Task mode: ``reset(options={"task": name})`` (or ``"random"``, picked by the seed) loads
+one of ``sandbox_tasks.TASKS``. After each step the grader (``sandbox_grader.py``) replays
+the cells of the current interpreter (those that finished; a lost interpreter's cells are
+gone with it) in a fresh grading process, calls the agent's function on the hidden inputs
+there and compares the results with the reference solution's on the server. The reward
+is the fraction of tests passing when every test reported, else 0; the episode
+terminates when all pass and is truncated after ``max_steps`` steps. Without a task the
+reward is 0 and the episode only ends on reset or close.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
+import time
 import uuid
 from typing import Any
 
@@ -30,8 +36,12 @@ import msgspec
 from ..env import Environment
 from ..errors import ServerError
 from ..executor import run_blocking
-from ..protocol import ErrorCode, PythonAction, PythonObservation, PythonState, StepResult
+from ..protocol import ErrorCode, StepResult
+from .python_sandbox_types import PythonAction, PythonObservation, PythonState
+from .sandbox_grader import Grade, grade
+from .sandbox_grading_process import GradingLimits, GradingProcess
 from .sandbox_interpreter import Interpreter, Outcome, SandboxLimits, StartError
+from .sandbox_isolation import POLICIES, Isolation, detect
 from .sandbox_tasks import TASKS, Task
 
 _cleanups: set[asyncio.Task[None]] = set()
@@ -46,8 +56,10 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     max_output_bytes: int = 64 * 1024  # per stream and step
     max_processes: int = 32
     max_file_mb: int = 64
+    disk_mb: int = 256  # private tmpfs per sandbox (namespace isolation)
     test_timeout: float = 2.0  # per hidden test
     startup_timeout: float = 20.0
+    isolation: str = "auto"  # "auto" (namespaces when available), "namespaces" (required) or "process"
     task: str | None = None
     max_steps: int = 20
 
@@ -58,6 +70,17 @@ class SandboxConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
             max_output_bytes=self.max_output_bytes,
             max_processes=self.max_processes,
             max_file_mb=self.max_file_mb,
+            disk_mb=self.disk_mb,
+        )
+
+    def grading_limits(self) -> GradingLimits:
+        return GradingLimits(
+            memory_mb=self.memory_mb,
+            max_file_mb=self.max_file_mb,
+            disk_mb=self.disk_mb,
+            cpu_seconds=self.cpu_seconds,
+            replay_timeout=self.timeout,
+            test_timeout=self.test_timeout,
         )
 
 
@@ -76,6 +99,7 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
     Observation = PythonObservation
     State = PythonState
     blocking = True
+    session_options = frozenset({"task", "max_steps"})
 
     def __init__(self, **options: Any) -> None:
         try:
@@ -84,7 +108,16 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
             raise ServerError(ErrorCode.VALIDATION_ERROR, f"bad python_sandbox options: {exc}") from None
         if self.config.task is not None:
             _find_task(self.config.task, None)
+        if self.config.isolation not in POLICIES:
+            raise ServerError(ErrorCode.VALIDATION_ERROR, f"isolation must be one of {', '.join(POLICIES)}")
+        try:
+            self.isolation: Isolation = detect(self.config.isolation)
+        except RuntimeError as exc:
+            raise ServerError(ErrorCode.EXECUTION_ERROR, str(exc)) from None
         self._limits = self.config.limits()
+        self._cells: list[str] = []  # the steps the current interpreter finished, for the grader to replay
+        self._spare: GradingProcess | None = None  # started ahead, for the next step's grading
+        self._grading: GradingProcess | None = None  # in use by a step
         self._interpreter: Interpreter | None = None
         self._episode_id: str | None = None
         self._count = 0
@@ -113,11 +146,13 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         self._episode_id = str(uuid.uuid4())
         self._count = self._restarts = 0
         self._task, self._max_steps, self._over = task, max_steps, False
+        self._prepare_grading()
         observation = PythonObservation()
         if task is not None:
             observation.prompt = task.prompt
             observation.tests_passed, observation.tests_total = 0, len(task.tests)
-        return StepResult(observation, info={"task": task.name} if task else {})
+        info = {"isolation": self.isolation.mode, **({"task": task.name} if task else {})}
+        return StepResult(observation, info=info)
 
     def step(self, action: PythonAction) -> StepResult[PythonObservation]:
         if self._episode_id is None or self._over:
@@ -129,13 +164,18 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         observation = self._observe(outcome, notes)
         if outcome.lost:
             self._lose_interpreter(observation, notes)
-        reward, terminated = 0.0, False
+        else:
+            self._cells.append(action.code)
+        reward, terminated, info = 0.0, False, {}
         if self._task is not None:
+            started = time.perf_counter()
             reward, terminated = self._grade(observation, notes)
+            info["grading_seconds"] = round(time.perf_counter() - started, 6)
         truncated = self._task is not None and not terminated and self._count >= self._max_steps
         self._over = terminated or truncated
+        self._prepare_grading()
         observation.notice = " ".join(notes)
-        return StepResult(observation, reward, terminated, truncated)
+        return StepResult(observation, reward, terminated, truncated, info)
 
     def state(self) -> PythonState:
         return PythonState(
@@ -148,37 +188,55 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
         )
 
     def close(self) -> None:
-        """Kill the interpreter now; reap it and remove its directory off the event loop when there is one."""
+        """Kill the interpreter and grading processes now; reap them off the event loop when there is one."""
         self._closed = True
-        interpreter, self._interpreter = self._interpreter, None
-        if interpreter is None:
-            return
-        interpreter.kill()
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            interpreter.close()
-            return
-        task = loop.create_task(run_blocking(interpreter.close))
-        _cleanups.add(task)
-        task.add_done_callback(_cleanups.discard)
+        if self._grading is not None:
+            self._grading.kill()  # the step using it frees it
+        for process in (self._interpreter, self._spare):
+            if process is None:
+                continue
+            process.kill()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                process.close()
+                continue
+            task = loop.create_task(run_blocking(process.close))
+            _cleanups.add(task)
+            task.add_done_callback(_cleanups.discard)
+        self._interpreter = self._spare = None
 
     # -- internals
 
     def _start_interpreter(self) -> Interpreter:
         if self._closed:
             raise ServerError(ErrorCode.UNKNOWN_SESSION, "the session is closed")
-        interpreter = Interpreter(self._limits, self._seed)
+        interpreter = Interpreter(self._limits, self.isolation, self._seed)
         try:
             interpreter.start(self.config.startup_timeout)
         except StartError as exc:
             code = ErrorCode.CAPACITY_REACHED if exc.errno is not None else ErrorCode.EXECUTION_ERROR
             raise ServerError(code, str(exc)) from None
-        self._interpreter = interpreter
+        self._interpreter, self._cells = interpreter, []
         if self._closed:  # closed while starting: do not leave it running
             self._discard_interpreter()
             raise ServerError(ErrorCode.UNKNOWN_SESSION, "the session is closed")
         return interpreter
+
+    def _prepare_grading(self) -> None:
+        """Have a fresh grading process waiting when the episode will grade again, and none otherwise."""
+        wanted = self._task is not None and not self._over and not self._closed
+        if wanted and self._spare is None:
+            try:
+                self._spare = GradingProcess(self.config.grading_limits(), self.isolation)
+            except OSError:
+                return  # the next grading starts one itself, or says why it cannot
+            if self._closed:
+                self._spare.close()
+                self._spare = None
+        elif not wanted and self._spare is not None:
+            spare, self._spare = self._spare, None
+            spare.close()
 
     def _discard_interpreter(self) -> None:
         interpreter, self._interpreter = self._interpreter, None
@@ -241,19 +299,34 @@ class PythonSandboxEnv(Environment[PythonAction, PythonObservation, PythonState]
 
     def _grade(self, observation: PythonObservation, notes: list[str]) -> tuple[float, bool]:
         assert self._task is not None
-        tests = list(self._task.tests)
-        observation.tests_total = len(tests)
+        observation.tests_total = len(self._task.tests)
         observation.tests_passed = 0
         if self._interpreter is None:  # the state is gone: nothing the tests could find
             return 0.0, False
-        outcome = self._interpreter.run_tests(tests, self.config.test_timeout)
-        if outcome.lost:
-            notes.append("The interpreter died while the hidden tests ran (a test hung or crashed it).")
-            self._lose_interpreter(observation, notes)
-            return 0.0, False
-        passed = sum(outcome.reply.passed)
-        observation.tests_passed = passed
-        return passed / len(tests), passed == len(tests)
+        verdict = self._run_grading(self._task)
+        if verdict.problem:
+            notes.append(f"Grading failed: {verdict.problem}.")
+        observation.tests_passed = sum(verdict.passed)
+        return verdict.reward, verdict.complete and all(verdict.passed)
+
+
+    def _run_grading(self, task: Task) -> Grade:
+        process, self._spare = self._spare, None
+        if process is not None and process.proc.poll() is not None:  # the spare died idle (OOM, an operator's kill)
+            process.close()
+            process = None
+        try:
+            process = process or GradingProcess(self.config.grading_limits(), self.isolation)
+        except OSError as exc:
+            return Grade([False] * len(task.tests), complete=False, problem=f"the grading process could not start: {exc.strerror or exc}")
+        self._grading = process
+        try:
+            if self._closed:
+                return Grade([False] * len(task.tests), complete=False, problem="the session was closed")
+            return grade(task, self._cells, process)
+        finally:
+            self._grading = None
+            process.close()
 
 
 def _find_task(name: str, seed: int | None) -> Task:

@@ -1,6 +1,8 @@
 """The parent side of the Python sandbox: start, drive, time out and kill one interpreter process.
 
-Every call blocks (the environment is ``blocking = True``, so it runs in a worker thread)
+The interpreter is started in a sandbox of its own (``sandbox_isolation.spawn``): in
+namespace mode a private tmpfs, pid and network namespace, so sessions cannot see each
+other. Every call blocks (the environment is ``blocking = True``, so it runs in a worker thread)
 but never past its deadline: the parent polls the control and output pipes with the
 time left, and when the deadline passes it kills the interpreter's whole process group
 (plus any descendant that left it) and reaps the interpreter. ``kill`` may be called
@@ -17,10 +19,8 @@ import math
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -28,7 +28,8 @@ from typing import Any
 
 import msgspec
 
-from .sandbox_worker import BOOTSTRAP, HEADER, MAX_MESSAGE, Exec, ExecDone, Hello, Reply, RunTests, frame, proc_stat, write_all
+from .sandbox_isolation import Isolation, exit_status, kill_tree, spawn
+from .sandbox_worker import BOOTSTRAP, HEADER, MAX_MESSAGE, Exec, ExecDone, Hello, Reply, frame, write_all
 
 log = logging.getLogger("envserver.sandbox")
 
@@ -36,6 +37,7 @@ WORKER_SOURCE = Path(__file__).with_name("sandbox_worker.py").read_text()
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
 _F_SETPIPE_SZ = 1031
 _READ = select.POLLIN | select.POLLHUP | select.POLLERR
+_EXIT_WAIT = 1.0  # seconds the interpreter may take to exit after closing its control pipe
 _live: set[Interpreter] = set()  # not yet released; closed at exit (a cleanup still queued at shutdown)
 
 
@@ -47,6 +49,7 @@ class SandboxLimits(msgspec.Struct, frozen=True, kw_only=True):
     max_output_bytes: int = 64 * 1024  # per stream and step; the rest is dropped and flagged
     max_processes: int = 32  # live processes in the sandbox, the interpreter included
     max_file_mb: int = 64  # largest file the code may write (RLIMIT_FSIZE)
+    disk_mb: int = 256  # size of the private tmpfs working directory (namespace mode)
 
 
 class StartError(Exception):
@@ -83,7 +86,7 @@ class Capture:
 class Outcome(msgspec.Struct):
     """What happened during one call into the interpreter."""
 
-    reply: Any  # ExecDone / TestsDone, or None when the call did not finish
+    reply: Any  # ExecDone, or None when the call did not finish
     stdout: Capture
     stderr: Capture
     wall_time: float
@@ -99,8 +102,9 @@ class Outcome(msgspec.Struct):
 class Interpreter:
     """One persistent Python interpreter in a child process, with its pipes and working directory."""
 
-    def __init__(self, limits: SandboxLimits, seed: int | None = None) -> None:
+    def __init__(self, limits: SandboxLimits, isolation: Isolation, seed: int | None = None) -> None:
         self.limits = limits
+        self.isolation = isolation
         self.seed = seed
         self.spawned = False  # the code started processes: kill must look for escaped ones
         self._proc: subprocess.Popen[bytes] | None = None
@@ -132,7 +136,6 @@ class Interpreter:
 
     def _spawn(self) -> None:
         limits = self.limits
-        self._workdir = tempfile.mkdtemp(prefix="envfleet-sandbox-")
         child_fds: list[int] = []
         try:
             for _ in range(4):  # control in, control out, stdout, stderr
@@ -147,6 +150,7 @@ class Interpreter:
                     fcntl.fcntl(fd, _F_SETPIPE_SZ, 1 << 20)  # fewer wake-ups when the code floods its output
                 except OSError:
                     pass
+            namespaced = self.isolation.mode == "namespaces"
             config = {
                 "ctl_in": ctl_in_r,
                 "ctl_out": ctl_out_w,
@@ -155,27 +159,26 @@ class Interpreter:
                 "memory_bytes": limits.memory_mb << 20,
                 "file_bytes": limits.max_file_mb << 20,
                 "cpu_seconds": limits.cpu_seconds,
-                "nproc": _nproc_limit(limits.max_processes),
+                # RLIMIT_NPROC counts every process of the uid, which all namespaced sandboxes share.
+                "nproc": None if namespaced else _nproc_limit(limits.max_processes),
                 "seed": self.seed,
             }
             env = {
                 "PATH": os.environ.get("PATH", "/usr/local/bin:/usr/bin:/bin"),
-                "HOME": self._workdir,
-                "TMPDIR": self._workdir,
                 "LANG": "C.UTF-8",
                 "PYTHONDONTWRITEBYTECODE": "1",
                 "PYTHONHASHSEED": str(self.seed % 2**32) if self.seed is not None else "random",
             }
-            self._proc = subprocess.Popen(
+            spawned = spawn(
                 [sys.executable, "-s", "-c", BOOTSTRAP, WORKER_SOURCE, msgspec.json.encode(config).decode()],
-                stdin=subprocess.DEVNULL,
+                self.isolation,
+                env=env,
                 stdout=out_w,
                 stderr=err_w,
                 pass_fds=(ctl_in_r, ctl_out_w),
-                cwd=self._workdir,
-                env=env,
-                start_new_session=True,  # its own session and process group: one kill takes all
+                disk_mb=limits.disk_mb,
             )
+            self._proc, self._workdir = spawned.proc, spawned.workdir
             # Readable when the interpreter exits, even if a fork of it still holds the pipes.
             self._fds.append(os.pidfd_open(self._proc.pid))
         finally:
@@ -196,12 +199,7 @@ class Interpreter:
             proc = self._proc
             if proc is None or proc.returncode is not None:
                 return  # never started, or reaped: its pid may belong to someone else now
-            strays = _descendants(proc.pid) if self.spawned else []
-            for kill, pid in [(os.killpg, proc.pid), *((os.kill, p) for p in strays)]:
-                try:
-                    kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
+            kill_tree(proc, self.isolation, strays=self.spawned)
 
     def close(self) -> None:
         """Kill the interpreter and free everything; a call in progress in another thread frees it when it returns."""
@@ -235,7 +233,7 @@ class Interpreter:
             with self._lock:
                 code = proc.poll()
             if code is not None or time.monotonic() >= deadline:
-                return code
+                return exit_status(code, self.isolation)
             time.sleep(0.002)
 
     # -- calls
@@ -245,12 +243,7 @@ class Interpreter:
         self._seq += 1
         return self._call(Exec(self._seq, code), timeout)
 
-    def run_tests(self, tests: list[str], per_test: float) -> Outcome:
-        """Run hidden tests against the namespace; their output is discarded."""
-        self._seq += 1
-        return self._call(RunTests(self._seq, tests, per_test), per_test * len(tests) + 2.0)
-
-    def _call(self, request: Exec | RunTests, timeout: float) -> Outcome:
+    def _call(self, request: Exec, timeout: float) -> Outcome:
         limit = self.limits.max_output_bytes
         with self._lock:
             if self._released or self._close_requested or self._proc is None:
@@ -308,6 +301,10 @@ class Interpreter:
                         self._poll.unregister(fd)  # EOF on an output pipe: the interpreter closed it
                     continue
                 if not chunk:
+                    # Under bubblewrap the pipe closes a moment before the sandbox's pid exits: wait for it.
+                    if select.select([pidfd], [], [], _EXIT_WAIT)[0]:
+                        self._poll.unregister(fd)
+                        continue
                     broken = "the interpreter closed its control channel"
                     break
                 self._inbox += chunk
@@ -365,22 +362,6 @@ def _read(fd: int) -> bytes | None:
         if exc.errno in (errno.EBADF, errno.EIO):
             return b""
         raise
-
-
-def _descendants(root: int) -> list[int]:
-    """Every live descendant of ``root`` (by parent links, so also those in other sessions)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            fields = proc_stat(name)
-            if fields:
-                children.setdefault(int(fields[1]), []).append(int(name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def _nproc_limit(max_processes: int) -> int | None:

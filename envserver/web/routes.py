@@ -1,7 +1,8 @@
 """Routes of the play page: ``GET /web``, ``GET /web/static/...`` and ``GET /web/games``.
 
-The page itself talks to the server only through ``WS /ws``, the OpenEnv session API
-programs use, so a person's episode is an ordinary session.
+The page itself talks to the server only through ``WS /web/ws``, the OpenEnv session API
+programs use at ``/ws`` under the page's own path (the only socket that takes ``?token=``,
+since a browser cannot set a header on a WebSocket), so a person's episode is an ordinary session.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from urllib.parse import quote
 
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from ..errors import ServerError
 from ..openenv_http import error_response, json_response
+from ..openenv_ws import ws_endpoint
 from ..protocol import ErrorCode
 from ..server import EnvServer
 
@@ -87,5 +89,6 @@ def web_routes() -> list[BaseRoute]:
     return [
         Route("/web", page),
         Route("/web/games", games),
+        WebSocketRoute("/web/ws", ws_endpoint),
         Mount("/web/static", StaticFiles(directory=STATIC), name="web-static"),
     ]

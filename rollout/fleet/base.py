@@ -5,9 +5,16 @@ from __future__ import annotations
 import abc
 import contextlib
 import enum
+import secrets
 from collections.abc import AsyncIterator
 
+from ..config import FleetConfig
 from ..errors import FleetError
+
+
+def pool_token(config: FleetConfig) -> str:
+    """The bearer token of a pool's servers: the configured one, else a fresh random one."""
+    return config.token or secrets.token_urlsafe(32)
 
 
 class FleetState(enum.Enum):

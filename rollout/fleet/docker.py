@@ -13,6 +13,11 @@ no-new-privileges and pids/memory/CPU limits, and carries the labels
 The command is wrapped in ``timeout`` so a container also ends by itself
 after ``FleetConfig.lifetime`` seconds, even if nobody reaps it.
 
+The servers require a bearer token (random per pool unless the config names one).
+It reaches each server through the container's standard input, attached once
+(``--token-file -``, ``StdinOnce``): not in the container's environment or
+command, which ``docker inspect`` and code inside the container could read.
+
 Networking: by default each server is published on 127.0.0.1 and the
 container sits on Docker's default bridge, so code inside it can reach other
 hosts. With ``network="isolated"`` the containers join an internal bridge
@@ -40,7 +45,9 @@ import aiohttp
 
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
-from rollout.fleet.base import FleetBackend, FleetState
+from rollout.fleet.base import FleetBackend, FleetState, pool_token
+from rollout.fleet.health import wait_healthy
+from rollout.fleet.sandbox_security import sandbox_host_config
 
 __all__ = ["DockerFleet", "list_containers", "reap"]
 
@@ -53,7 +60,6 @@ SERVER_PORT = 8000
 _PORT_KEY = f"{SERVER_PORT}/tcp"
 # Probes of a starting container back off from 20 ms to 250 ms: at K=64, fixed
 # 50 ms HTTP polls cost the client ~4 CPU-s, taken from the starting servers.
-_PROBE_FIRST, _PROBE_MAX, _PROBE_GROWTH = 0.02, 0.25, 1.5
 _INSPECT_INTERVAL = 5.0  # seconds between state checks, in case a "die" event was missed
 _DAEMON_GRACE = 10.0  # seconds past the start deadline before a hung daemon call is given up
 _EVENTS_READY_WAIT = 2.0  # seconds to wait for the events stream before creating containers
@@ -145,7 +151,7 @@ class DockerFleet(FleetBackend):
         self.network = network
         self.pool_id = pool_id or secrets.token_hex(6)
         #: Bearer token the servers require; random unless the config names one.
-        self.token: str | None = config.token if config.token is not None else secrets.token_urlsafe(24)
+        self.token: str = pool_token(config)
         self._state = FleetState.NEW
         self._docker: aiodocker.Docker | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -241,16 +247,18 @@ class DockerFleet(FleetBackend):
         cfg = self.config
         memory = parse_memory(cfg.memory)
         lifetime = max(1, int(cfg.lifetime))
-        command = ["envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), *cfg.server_args()]
-        env = [f"ENVSERVER_TOKEN={self.token}"] if self.token else []
+        command = ["envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--token-file", "-", *cfg.server_args()]
         return {
             "Image": cfg.image,
             "Cmd": ["timeout", "-k", str(_KILL_GRACE), str(lifetime), *command],
-            "Env": env,
+            "AttachStdin": True,
+            "OpenStdin": True,
+            "StdinOnce": True,  # stdin closes once the token is written
             "User": "65534:65534",
             "ExposedPorts": {_PORT_KEY: {}} if self.network == "published" else {},
             "Labels": ownership_labels(self.pool_id, time.time() + lifetime + _KILL_GRACE),
-            "HostConfig": {
+            # The Python sandbox needs user namespaces inside the container (rollout/fleet/sandbox_security.py).
+            "HostConfig": sandbox_host_config(cfg.env, {
                 **self._network_config(),
                 "ReadonlyRootfs": True,
                 "Tmpfs": {"/tmp": "rw,nosuid,nodev,noexec,size=64m"},
@@ -262,7 +270,7 @@ class DockerFleet(FleetBackend):
                 "NanoCpus": int(cfg.cpus * 1e9),
                 "RestartPolicy": {"Name": "no"},
                 "LogConfig": {"Type": "json-file", "Config": {"max-size": "1m", "max-file": "1"}},
-            },
+            }),
         }
 
     def _network_config(self) -> dict[str, Any]:
@@ -301,7 +309,7 @@ class DockerFleet(FleetBackend):
                 async with self._creating:
                     try:
                         container = await self._create(name)
-                        await container.start()
+                        await self._start_with_token(container)
                         info = await container.show()
                     except aiodocker.DockerError as exc:
                         raise FleetError(f"cannot start container {name}: {exc.message}") from exc
@@ -323,45 +331,38 @@ class DockerFleet(FleetBackend):
         self._names[url] = name
         return url
 
+    async def _start_with_token(self, container: aiodocker.containers.DockerContainer) -> None:
+        """Start the container and write the token as the first line of its standard input."""
+        stream = container.attach(stdin=True)
+        try:
+            async with stream:  # attached before the start, so no byte of stdin is lost
+                await container.start()
+                await stream.write_in(self.token.encode() + b"\n")
+        except (aiohttp.ClientError, OSError, RuntimeError) as exc:
+            raise FleetError(f"cannot hand the token to container {container.id[:12]}: {exc}") from exc
+
     async def _wait_healthy(
         self, container: aiodocker.containers.DockerContainer, name: str, url: str, deadline: float
     ) -> None:
         assert self._http is not None
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        timeout = aiohttp.ClientTimeout(total=1.0)
-        host, port = url.removeprefix("http://").rsplit(":", 1)
         next_inspect = time.monotonic() + _INSPECT_INTERVAL
-        interval = _PROBE_FIRST
-        last_error = "no answer yet"
-        while True:
-            # A bare TCP connect is far cheaper than an HTTP request while nothing listens.
-            if await _port_open(host, int(port)):
-                try:
-                    async with self._http.get(f"{url}/health", headers=headers, timeout=timeout) as resp:
-                        if resp.status == 200:
-                            return
-                        last_error = f"HTTP {resp.status}"
-                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                    last_error = type(exc).__name__
-            else:
-                last_error = "connection refused"
-            now = time.monotonic()
-            exit_code = self._exit_codes.get(container.id)
-            if exit_code is None and now >= next_inspect:
-                next_inspect = now + _INSPECT_INTERVAL
+
+        async def dead() -> str | None:
+            nonlocal next_inspect
+            exit_code = self._exit_codes.get(container.id)  # from a "die" event
+            if exit_code is None and time.monotonic() >= next_inspect:  # in case the event was missed
+                next_inspect = time.monotonic() + _INSPECT_INTERVAL
                 state = (await container.show())["State"]
                 if not state["Running"]:
                     exit_code = state["ExitCode"]
-            if exit_code is not None:
-                logs = await _log_tail(container)
-                raise FleetError(f"container {name} exited with code {exit_code} before answering /health: {logs}")
-            if now >= deadline:
-                raise FleetError(
-                    f"container {name} did not answer {url}/health within "
-                    f"{self.config.start_timeout:g} s (last: {last_error})"
-                )
-            await asyncio.sleep(min(interval, max(0.0, deadline - now)))
-            interval = min(interval * _PROBE_GROWTH, _PROBE_MAX)
+            return None if exit_code is None else f"exited with code {exit_code}: {await _log_tail(container)}"
+
+        try:
+            await wait_healthy(self._http, url, deadline, token=self.token, dead=dead)
+        except ConnectionError as exc:
+            raise FleetError(f"container {name}: {exc}") from exc
+        except TimeoutError as exc:
+            raise FleetError(f"container {name} did not answer within {self.config.start_timeout:g} s: {exc}") from exc
 
     def _watch_events(self) -> None:
         """Follow this pool's "die" events: fail starting containers fast, report dead servers."""
@@ -405,18 +406,6 @@ class DockerFleet(FleetBackend):
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             raise FleetError(f"{len(errors)} container(s) of pool {self.pool_id} not removed: {errors[0]}")
-
-
-async def _port_open(host: str, port: int) -> bool:
-    """Whether something accepts TCP connections on ``host``:``port`` (an IPv4 address)."""
-    loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, (host, port))
-        except OSError:
-            return False
-    return True
 
 
 async def _ensure_isolated_network(docker: aiodocker.Docker) -> None:

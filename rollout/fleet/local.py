@@ -3,13 +3,16 @@
 Each server gets a free port (it binds port 0 and prints its URL) and watches its
 standard input: when this process goes away, by any exit or signal, the pipe closes
 and the servers stop by themselves. ``stop()`` terminates and reaps them explicitly.
+
+Every pool's servers require a bearer token (random unless the config names one). It
+travels as the first line of the server's standard input (``--token-file -``): never in
+its environment or command line, which code the server runs could read.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import sys
 import tempfile
@@ -20,7 +23,7 @@ import aiohttp
 
 from ..config import FleetConfig
 from ..errors import FleetError
-from .base import FleetBackend
+from .base import FleetBackend, pool_token
 from .health import wait_healthy
 
 
@@ -39,7 +42,7 @@ class LocalFleet(FleetBackend):
 
     def __init__(self, config: FleetConfig) -> None:
         self.config = config
-        self.token = config.token
+        self.token: str = pool_token(config)
         self._servers: dict[str, _Server] = {}
         self._starting: set[_Server] = set()  # spawned, not yet healthy
         self._next_index = 0
@@ -82,29 +85,28 @@ class LocalFleet(FleetBackend):
         assert self._logdir is not None, "start() first"
         index, self._next_index = self._next_index, self._next_index + 1
         log = self._logdir / f"server-{index}.log"
-        env = dict(os.environ)
-        if self.token:
-            env["ENVSERVER_TOKEN"] = self.token
-        args = [sys.executable, "-m", "envserver", "--host", "127.0.0.1", "--port", "0", "--exit-with-stdin", "--no-web"]
+        args = [sys.executable, "-m", "envserver", "--host", "127.0.0.1", "--port", "0", "--exit-with-stdin", "--no-web", "--token-file", "-"]
         with open(log, "wb") as stderr:
             process = await asyncio.create_subprocess_exec(
-                *args, *self.config.server_args(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr, env=env
+                *args, *self.config.server_args(), stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=stderr
             )
         server = _Server(index, process, log)
         self._starting.add(server)
         deadline = time.monotonic() + self.config.start_timeout
         try:
-            assert process.stdout is not None
+            assert process.stdin is not None and process.stdout is not None
+            process.stdin.write(self.token.encode() + b"\n")  # the pipe stays open: --exit-with-stdin watches it
+            await asyncio.wait_for(process.stdin.drain(), max(0.1, deadline - time.monotonic()))
             line = await asyncio.wait_for(process.stdout.readline(), max(0.1, deadline - time.monotonic()))
             if not line.startswith(b"envserver ") or "http://" not in line.decode(errors="replace"):
                 raise ConnectionError("exited before it was listening")
             server.url = line.decode().split()[-1]
-            exited = asyncio.ensure_future(process.wait())
-            try:
-                async with aiohttp.ClientSession() as http:
-                    await wait_healthy(http, server.url, deadline, token=self.token, alive=exited)
-            finally:
-                exited.cancel()
+
+            async def dead() -> str | None:
+                return None if process.returncode is None else f"exited with code {process.returncode}"
+
+            async with aiohttp.ClientSession() as http:
+                await wait_healthy(http, server.url, deadline, token=self.token, dead=dead)
         except (asyncio.TimeoutError, TimeoutError, ConnectionError, OSError) as exc:
             self._starting.discard(server)
             await _terminate(server)

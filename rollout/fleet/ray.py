@@ -40,7 +40,7 @@ import aiohttp
 
 from ..config import FleetConfig
 from ..errors import FleetError
-from .base import FleetBackend
+from .base import FleetBackend, pool_token
 from .health import wait_healthy
 
 __all__ = ["NAMESPACE", "RayFleet", "import_ray", "list_actors", "reap"]
@@ -178,7 +178,7 @@ class RayFleet(FleetBackend):
         self.config = config
         self.pool_id = pool_id or secrets.token_hex(6)
         #: Always set: the servers listen on their node's IP, reachable from the cluster network.
-        self.token: str = config.token or secrets.token_urlsafe(32)
+        self.token: str = pool_token(config)
         self._ray: ModuleType | None = None
         self._connected = False
         self._servers: dict[str, _Server] = {}

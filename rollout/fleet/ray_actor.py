@@ -6,7 +6,6 @@ workers by value, so starting an actor costs the import of Ray, not of envfleet'
 
 from __future__ import annotations
 
-import os
 import select
 import signal
 import subprocess
@@ -40,12 +39,11 @@ class EnvServerActor:
 
     def start(self, server_args: list[str], token: str, timeout: float) -> str:
         """Start envserver on this node's IP with ``token`` on its stdin; return its URL once listening."""
-        env = {k: v for k, v in os.environ.items() if k != "ENVSERVER_TOKEN"}
         argv = [sys.executable, "-m", "envserver", "--host", self.node_ip, "--port", "0",
                 "--exit-with-stdin", "--no-web", "--token-file", "-", *server_args]
         with tempfile.TemporaryFile() as log:
             process = self.process = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env,
+                argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
             assert process.stdin is not None and process.stdout is not None

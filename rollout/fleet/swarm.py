@@ -9,7 +9,11 @@ One service ``envfleet-<pool id>`` with ``config.servers`` replicas (default 2):
 - **Published in host mode** on an ephemeral port of the node that runs each
   task (no routing mesh: it needs IPVS). Swarm has no host-IP option, so the
   port is bound on **all interfaces** of that node. Every pool therefore sets a
-  random bearer token (``ENVSERVER_TOKEN``), even when the config names none.
+  random bearer token, even when the config names none. It reaches the tasks as a
+  swarm secret ``envfleet-<pool id>-token``, a file under ``/run/secrets`` that
+  the server reads (``--token-file``): not an environment variable or argument,
+  which ``docker inspect`` and code inside the task could read. The secret is
+  removed with the service.
 - **Never pulled, never resolved.** The service is created through the Engine
   API without a registry-auth header, so the daemon does not pin the tag to a
   registry digest, and the task image is the local image's *ID*, which the swarm
@@ -17,7 +21,10 @@ One service ``envfleet-<pool id>`` with ``config.servers`` replicas (default 2):
   ``docker save | docker load`` (which keeps the ID).
 - **Hardened** as far as swarm allows: non-root, read-only root fs with a tmpfs
   ``/tmp``, all capabilities dropped, pids/memory/CPU limits. Swarm services
-  cannot set no-new-privileges; the docker backend does.
+  cannot set no-new-privileges nor a seccomp profile; the docker backend does.
+  So the Python sandbox has no namespaces in a swarm container, and each of its
+  servers holds one session unless ``max_sessions`` is set
+  (``rollout/fleet/sandbox_security.py``).
 - **Labelled** like the docker backend's containers (``envfleet.pool``,
   ``envfleet.owner``, ``envfleet.user``, ``envfleet.expires``) on the service
   and on each task container; ``reap_services`` removes expired and orphaned
@@ -44,7 +51,7 @@ import aiohttp
 
 from rollout.config import FleetConfig
 from rollout.errors import FleetError
-from rollout.fleet.base import FleetBackend, FleetState
+from rollout.fleet.base import FleetBackend, FleetState, pool_token
 from rollout.fleet.docker import (
     LABEL_POOL,
     LABEL_USER,
@@ -59,6 +66,7 @@ from rollout.fleet.docker import (
     parse_memory,
 )
 from rollout.fleet.health import wait_healthy
+from rollout.fleet.sandbox_security import swarm_session_args
 
 __all__ = ["SwarmFleet", "check_manager", "reap_services"]
 
@@ -68,6 +76,7 @@ _SETTLED_POLLS = 3  # polls in a row without a new task before replace() shares 
 _STOP_WAIT = 60.0  # seconds stop() waits for the service's containers to go
 _STOP_GRACE_NS = 5_000_000_000  # SIGTERM -> SIGKILL of a task container
 _RESTART_DELAY_NS = 200_000_000  # delay before the swarm restarts a dead task
+TOKEN_FILE = "/run/secrets/envfleet-token"  # where a task finds the pool's token
 
 
 async def check_manager(docker: aiodocker.Docker) -> dict[str, Any]:
@@ -99,7 +108,9 @@ class SwarmFleet(FleetBackend):
         self.pool_id = pool_id or secrets.token_hex(6)
         self.service_name = f"envfleet-{self.pool_id}"
         #: Bearer token the servers require; always set, as swarm publishes on every interface.
-        self.token: str = config.token or secrets.token_urlsafe(24)
+        self.token: str = pool_token(config)
+        self.secret_name = f"envfleet-{self.pool_id}-token"
+        self._secret_id: str | None = None
         self._state = FleetState.NEW
         self._docker: aiodocker.Docker | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -134,6 +145,7 @@ class SwarmFleet(FleetBackend):
             image = await self._image_id()
             self._http = aiohttp.ClientSession()
             count = self.config.servers if self.config.servers is not None else 2
+            await self._create_secret()
             await self._create_service(image, count)
             await self._wait_started(count, time.monotonic() + self.config.start_timeout)
         return self.urls
@@ -191,6 +203,7 @@ class SwarmFleet(FleetBackend):
             self._users.clear()
             self._tasks.clear()
             await self._remove_service(docker)
+            await _remove_secrets(docker, self.pool_id)
         finally:
             if self._http is not None:
                 await self._http.close()
@@ -239,8 +252,17 @@ class SwarmFleet(FleetBackend):
         return {
             "ContainerSpec": {
                 "Image": image,
-                "Command": ["envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), *cfg.server_args()],
-                "Env": {"ENVSERVER_TOKEN": self.token},  # aiodocker turns the mapping into KEY=value items
+                "Command": [
+                    "envserver", "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--token-file", TOKEN_FILE, *cfg.server_args(),
+                    *swarm_session_args(cfg.env, cfg.max_sessions),  # no namespaces here: a container per session
+                ],  # fmt: skip
+                "Secrets": [
+                    {
+                        "SecretID": self._secret_id,
+                        "SecretName": self.secret_name,
+                        "File": {"Name": TOKEN_FILE.rsplit("/", 1)[1], "UID": "65534", "GID": "65534", "Mode": 0o400},
+                    }
+                ],
                 "User": "65534:65534",
                 "ReadOnly": True,
                 "Mounts": [{"Type": "tmpfs", "Target": "/tmp", "TmpfsOptions": {"SizeBytes": 64 << 20}}],
@@ -252,6 +274,15 @@ class SwarmFleet(FleetBackend):
             "RestartPolicy": {"Condition": "any", "Delay": _RESTART_DELAY_NS},
             "LogDriver": {"Name": "json-file", "Options": {"max-size": "1m", "max-file": "1"}},
         }
+
+    async def _create_secret(self) -> None:
+        """Store the token as this pool's swarm secret (labelled like the service, for the reaper)."""
+        assert self._docker is not None
+        try:
+            created = await self._docker.secrets.create(self.secret_name, self.token + "\n", labels=self._labels())
+        except aiodocker.DockerError as exc:
+            raise FleetError(f"cannot create secret {self.secret_name}: {exc.message}") from exc
+        self._secret_id = str(created["ID"])
 
     async def _create_service(self, image: str, replicas: int) -> None:
         assert self._docker is not None
@@ -399,6 +430,34 @@ async def _wait_containers_gone(docker: aiodocker.Docker, pool_id: str) -> None:
         await asyncio.sleep(_POLL)
 
 
+async def _remove_secrets(docker: aiodocker.Docker, pool_id: str) -> None:
+    """Remove the token secret(s) of a pool whose service is gone."""
+    try:
+        found = await docker.secrets.list(filters={"label": [f"{LABEL_POOL}={pool_id}"]})
+        for secret in found:
+            await docker.secrets.delete(secret["ID"])
+    except aiodocker.DockerError as exc:
+        if exc.status != 404:
+            raise FleetError(f"cannot remove the token secret of pool {pool_id}: {exc.message}") from exc
+
+
+async def _reap_secrets(docker: aiodocker.Docker, expired_only: bool, now: float, host: str, user: str) -> None:
+    """Remove token secrets left without their service (say, by a crash between the two creations)."""
+    try:
+        found = await docker.secrets.list(filters={"label": [LABEL_POOL]})
+    except aiodocker.DockerError as exc:
+        raise FleetError(f"cannot list envfleet secrets: {exc.message}") from exc
+    for secret in found:
+        labels = (secret.get("Spec") or {}).get("Labels") or {}
+        _, expired, orphaned = lapsed(labels, now, host)
+        if (expired or orphaned) if expired_only else labels.get(LABEL_USER, "") in (user, ""):
+            try:
+                await docker.secrets.delete(secret["ID"])
+            except aiodocker.DockerError as exc:
+                if exc.status not in (400, 404):  # 400: a live service still uses it
+                    raise FleetError(f"cannot remove secret {secret['ID'][:12]}: {exc.message}") from exc
+
+
 async def reap_services(*, expired_only: bool = True, docker: aiodocker.Docker | None = None) -> list[str]:
     """Remove leftover envfleet swarm services; return their names.
 
@@ -434,6 +493,10 @@ async def reap_services(*, expired_only: bool = True, docker: aiodocker.Docker |
                 if exc.status != 404:
                     raise FleetError(f"cannot remove service {name}: {exc.message}") from exc
         await asyncio.gather(*(_wait_containers_gone(client, pool_id) for _, pool_id in doomed if pool_id))
+        for _, pool_id in doomed:
+            if pool_id:
+                await _remove_secrets(client, pool_id)
+        await _reap_secrets(client, expired_only, now, host, user)
         return [name for name, _ in doomed]
     finally:
         if own:

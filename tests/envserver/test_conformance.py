@@ -1,8 +1,8 @@
-"""A conformance checker run over every registered environment, in process and over the mux."""
+"""Every registered environment passes ``envserver.testing.check_environment``; the checker catches what breaks the contract."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 import pytest
@@ -10,91 +10,129 @@ import pytest
 from envserver import envs
 from envserver.env import Environment
 from envserver.errors import ServerError
-from envserver.protocol import (
-    OBSERVATION_TYPES,
-    STATE_TYPES,
-    ErrorCode,
-    StepResult,
-    json_decoder,
-    json_encoder,
-    json_schema,
-    msgpack_decoder,
-    msgpack_encoder,
-)
+from envserver.protocol import ErrorCode, StepResult, Tensor
+from envserver.testing import ConformanceError, check_environment
 
-# How to pick a valid action from an observation, per environment (raw wire form).
-SAMPLE_ACTIONS: dict[str, Callable[[Any], Any]] = {
-    "openspiel": lambda obs: {"action_id": obs["legal_actions"][0] if isinstance(obs, dict) else obs.legal_actions[0]},
-    "echo": lambda obs: {"message": "conformance"},
+# How each built-in environment is checked: options, a valid action, and illegal ones.
+CHECKS: dict[str, dict[str, Any]] = {
+    "openspiel": {
+        "game": "catch",
+        "sample_action": lambda obs: {"action_id": obs.legal_actions[0]},
+        "bad_actions": [{"action_id": 999}, {"action_id": -1}],
+    },
+    "echo": {"sample_action": lambda obs: {"message": "conformance"}, "step_limit": 20},
+    "python_sandbox": {"max_steps": 2, "task": "fizzbuzz", "sample_action": lambda obs: {"code": "x = 1"}, "volatile": ["wall_time"]},
 }
 
 
-def sample_action(name: str, observation: Any) -> Any:
-    """A valid raw action for ``name``; environments not listed must accept their Action's defaults."""
-    if name in SAMPLE_ACTIONS:
-        return SAMPLE_ACTIONS[name](observation)
-    return {}
+def loadable() -> list[str]:
+    return [row.name for row in envs.describe() if row.error is None]
 
 
-def roundtrip(result: StepResult, observation_type: type) -> None:
-    """Both codecs carry a step result and give the same values back."""
-    as_type = StepResult[observation_type]  # type: ignore[valid-type]
-    assert msgpack_decoder(as_type).decode(msgpack_encoder.encode(result)) == result
-    as_json = json_encoder.encode(result)  # JSON tensors are flat lists: compare the values
-    assert json_encoder.encode(json_decoder(as_type).decode(as_json)) == as_json
-
-
-def check_env(env_class: type[Environment]) -> None:  # type: ignore[type-arg]
-    """Gymnasium-style checks of one environment class."""
-    name = env_class.name
-    assert isinstance(name, str) and name and isinstance(env_class.description, str) and env_class.description
-    for kind in (env_class.Action, env_class.Observation, env_class.State):
-        assert issubclass(kind, msgspec.Struct), kind
-        assert json_schema(kind)
-    if name in OBSERVATION_TYPES:
-        assert OBSERVATION_TYPES[name] is env_class.Observation and STATE_TYPES[name] is env_class.State
-
-    env = env_class()
-    try:
-        first = env.reset(seed=123)
-        assert isinstance(first, StepResult) and isinstance(first.observation, env_class.Observation)
-        assert type(first.reward) is float and first.terminated is False and first.truncated is False
-        assert isinstance(first.info, dict)
-        roundtrip(first, env_class.Observation)
-        assert isinstance(env.state(), env_class.State)
-        msgspec.json.decode(json_encoder.encode(env.state()))
-
-        # The same seed gives the same first observation.
-        assert msgpack_encoder.encode(env.reset(seed=123).observation) == msgpack_encoder.encode(first.observation)
-
-        # Bad actions are VALIDATION_ERRORs, not crashes.
-        for bad in ("not an action", [1, 2], {"no_such_field": 1}):
-            with pytest.raises(ServerError) as info:
-                env.parse_action(bad)
-            assert info.value.code == ErrorCode.VALIDATION_ERROR
-
-        result, steps = first, 0
-        while not (result.terminated or result.truncated) and steps < 5:
-            action = env.parse_action(sample_action(name, result.observation))
-            assert isinstance(action, env_class.Action)
-            result = env.step(action)
-            steps += 1
-            assert isinstance(result, StepResult) and isinstance(result.observation, env_class.Observation)
-            assert type(result.reward) is float and type(result.terminated) is bool and type(result.truncated) is bool
-            roundtrip(result, env_class.Observation)
-        state = env.state()
-        assert isinstance(state, env_class.State)
-        if hasattr(state, "step_count"):
-            assert state.step_count == steps
-        openenv = env.openenv_observation(result.observation)
-        msgspec.json.decode(json_encoder.encode(openenv))
-    finally:
-        env.close()
-
-
-@pytest.mark.parametrize("name", envs.names())
+@pytest.mark.parametrize("name", loadable())
 def test_registered_env_conforms(name: str) -> None:
-    check_env(envs.load(name))
+    check_environment(envs.load(name), **CHECKS.get(name, {}))
+
+
+def test_openspiel_games_with_more_seats_conform() -> None:
+    for game in ("tic_tac_toe", "kuhn_poker"):
+        report = check_environment(envs.load("openspiel"), **{**CHECKS["openspiel"], "game": game})
+        assert report.episode_ended and not report.skipped
+
+
+def test_step_after_the_end_is_checked_when_an_episode_ends() -> None:
+    report = check_environment(envs.load("openspiel"), **CHECKS["openspiel"])
+    assert report.episode_ended and report.steps >= 1 and report.skipped == []
+    echo = check_environment(envs.load("echo"), **CHECKS["echo"])
+    assert not echo.episode_ended and "step after the end" in echo.skipped[0]
+
+
+# ---- an environment that breaks every rule once; the checker must name each
+
+
+class BrokenAction(msgspec.Struct):
+    move: int = 0
+
+
+class BrokenObservation(msgspec.Struct):
+    board: Tensor
+    count: int
+    score: float
+
+
+class BrokenState(msgspec.Struct):
+    count: int
+
+
+_held: list[Any] = []
+
+
+class BrokenEnv(Environment[BrokenAction, BrokenObservation, BrokenState]):
+    name = "broken"
+    description = "Breaks the contract on purpose."
+    Action = BrokenAction
+    Observation = BrokenObservation
+    State = BrokenState
+
+    def __init__(self, **options: Any) -> None:
+        self.count = 0
+        import random
+
+        self.rng = random.Random()  # ignores the seed: trajectories differ
+
+    def _obs(self) -> BrokenObservation:
+        board = Tensor((2,), bytes(8), "float32")
+        return BrokenObservation(board, self.count, float("nan") if self.count == 2 else self.rng.random())
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> StepResult[BrokenObservation]:
+        self.count = 0
+        return StepResult(self._obs())
+
+    def step(self, action: BrokenAction) -> StepResult[BrokenObservation]:
+        self.count += 1  # never refuses anything, even after the end
+        if action.move == 7:
+            raise KeyError("seven")
+        return StepResult(self._obs(), reward=1, terminated=self.count >= 3)  # an int reward
+
+    def state(self) -> BrokenState:
+        return BrokenState(self.count)
+
+    def close(self) -> None:
+        import os
+
+        _held.append(os.open("/dev/null", os.O_RDONLY))  # close opens a file it never closes
+
+
+def test_the_checker_reports_every_broken_rule_at_once() -> None:
+    import os
+
+    try:
+        with pytest.raises(ConformanceError) as info:
+            check_environment(BrokenEnv, bad_actions=[{"move": 7}])
+    finally:
+        while _held:
+            os.close(_held.pop())
+    failures = "\n".join(info.value.failures)
+    assert "reward must be a float" in failures
+    assert "different the reset" in failures or "different step" in failures
+    assert "does not round-trip" in failures or "comes back different" in failures
+    assert "raised KeyError" in failures  # the bad action crashed instead of being refused
+    assert "was accepted" in failures  # {"no_such_field...": 1}: BrokenAction does not forbid unknown fields
+    assert "a step after the end was accepted" in failures
+    assert "close() does not release" in failures and "file descriptors" in failures
+    assert len(info.value.failures) >= 6
+    assert str(info.value).startswith("broken fails ")
+
+
+def test_declarations_are_checked_before_anything_runs() -> None:
+    class NoTypes(BrokenEnv):
+        name = ""
+        Observation = dict  # type: ignore[assignment]
+
+    with pytest.raises(ConformanceError) as info:
+        check_environment(NoTypes)
+    assert any("name must be a non-empty string" in f for f in info.value.failures)
+    assert any("Observation must be a msgspec.Struct subclass" in f for f in info.value.failures)
 
 
 def test_unknown_env_is_not_found() -> None:
@@ -103,14 +141,32 @@ def test_unknown_env_is_not_found() -> None:
     assert info.value.code == ErrorCode.NOT_FOUND
 
 
-async def test_every_registered_env_over_the_mux(catch_server, mux_connect) -> None:
-    mux = await mux_connect(catch_server)
-    for sid, name in enumerate(envs.names()):
+async def test_every_registered_env_over_the_mux(shared_server, mux_connect) -> None:
+    serve_all = [arg for name in loadable() for arg in ("--env", name)]
+    mux = await mux_connect(shared_server(*serve_all))
+    for sid, name in enumerate(loadable()):
         assert await mux.one("open", sid, name) == {"sid": sid, "env": name}
         body = await mux.one("reset", sid, 1)
         assert set(body) == {"observation", "reward", "terminated", "truncated", "info"}
-        body = await mux.one("step", sid, sample_action(name, body["observation"]))
-        assert isinstance(body["reward"], float)
-        state = await mux.one("state", sid)
-        assert state.get("step_count", 1) == 1
+        if name in CHECKS:
+            action = msgspec.to_builtins(CHECKS[name]["sample_action"](msgspec.convert(body["observation"], envs.load(name).Observation)))
+            body = await mux.one("step", sid, action)
+            assert isinstance(body["reward"], float)
+            state = await mux.one("state", sid)
+            assert state.get("step_count", 1) == 1
         await mux.one("close", sid)
+
+
+class SchemaLiarEnv(envs.load("echo")):  # type: ignore[misc]
+    """An echo whose OpenEnv JSON observation is not what its schema says."""
+
+    name = "schema_liar"
+
+    def openenv_observation(self, observation: Any) -> Any:
+        return {"echoed_message": 42}
+
+
+def test_an_observation_that_breaks_its_own_schema_is_reported() -> None:
+    with pytest.raises(ConformanceError) as info:
+        check_environment(SchemaLiarEnv, **CHECKS["echo"])
+    assert [f for f in info.value.failures if "does not match its own JSON Schema" in f], info.value.failures

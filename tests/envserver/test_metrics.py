@@ -130,3 +130,42 @@ async def test_metrics_are_served_without_the_web_page(spawn_server, http) -> No
     assert samples['envserver_info{version="0.1.0",env="echo"}'] == 1
     async with http.get(f"{server.url}/web") as response:
         assert response.status == 404
+
+
+async def test_a_blocking_env_step_is_counted_once_and_timed_whole(spawn_server, mux_connect, http: aiohttp.ClientSession) -> None:
+    from tests.conftest import TEST_ENVS_SCRIPT
+
+    server = spawn_server("--env", "slow_echo", script=TEST_ENVS_SCRIPT)
+    mux = await mux_connect(server)
+    for sid in (1, 2):
+        await mux.one("open", sid)
+        await mux.one("reset", sid, None)
+    before = await scrape(http, server)
+    for _ in range(5):  # "ab": the slow echo sleeps 4 ms per step in a worker thread
+        (reply,) = await mux.call(mux.req("steps", [1, 2], [{"message": "ab"}, {"message": "ab"}]))
+        assert reply.ok and not reply.body[1]
+    await mux.one("step", 1, {"message": "ab"})
+    after = await scrape(http, server)
+    assert after["envserver_steps_total"] - before["envserver_steps_total"] == 11  # 5 x 2 sessions + 1, each once
+    assert after["envserver_resets_total"] == 2
+    requests = after["envserver_mux_request_seconds_count"] - before["envserver_mux_request_seconds_count"]
+    seconds = after["envserver_mux_request_seconds_sum"] - before["envserver_mux_request_seconds_sum"]
+    assert requests == 6  # five many-requests and one step, each observed once when its answer was ready
+    assert seconds >= 6 * 0.004  # the worker-thread time is included, not just the spawn of a task
+
+
+async def test_blocking_calls_past_the_connection_bound_are_refused(spawn_server, mux_connect) -> None:
+    from tests.conftest import TEST_ENVS_SCRIPT
+
+    server = spawn_server("--env", "slow_echo", "--max-blocking-per-connection", "3", script=TEST_ENVS_SCRIPT)
+    mux = await mux_connect(server)
+    for sid in range(1, 6):
+        await mux.one("open", sid)
+    async with asyncio.timeout(10):
+        replies = await mux.call(*[mux.req("step", sid, {"message": "ab"}) for sid in range(1, 6)])
+        refused = [r for r in replies if not r.ok]
+        assert len(refused) == 2 and all(r.body["code"] == "CAPACITY_REACHED" and "limit is 3" in r.body["message"] for r in refused)
+        (reply,) = await mux.call(mux.req("steps", [1, 2, 3, 4, 5], [{"message": "ab"}] * 5))
+        assert reply.ok and sorted(reply.body[1]) == [3, 4]  # a many-request: the sessions past the bound fail alone
+        assert all(r.ok for r in await mux.call(*[mux.req("step", sid, {"message": "x"}) for sid in (1, 2, 3)]))  # freed again
+    assert server.proc.poll() is None

@@ -266,27 +266,33 @@ async def test_bad_game_options(catch_server, mux_connect, options: dict, words:
     if "agent_player" in options:
         return  # the seat is checked against the game at reset, not at open
     (reply,) = await mux.call(mux.req("open", 2, None, options))
-    assert error_code(reply) == ErrorCode.FACTORY_ERROR
+    # An option no client may set is refused before any environment is made; a bad value fails the make.
+    assert error_code(reply) == (ErrorCode.VALIDATION_ERROR if "colour" in options else ErrorCode.FACTORY_ERROR)
     assert words in reply.body["message"]
     await mux.one("open", 2)  # the failed open did not take the id
 
 
-async def test_unknown_environment(catch_server, mux_connect) -> None:
+async def test_environment_not_served(catch_server, mux_connect) -> None:
     mux = await mux_connect(catch_server)
-    (reply,) = await mux.call(mux.req("open", 1, "no_such_env"))
-    assert error_code(reply) == ErrorCode.NOT_FOUND
-    assert "echo" in reply.body["message"]  # lists the known ones
-    assert (await mux.one("open", 1, "echo"))["env"] == "echo"
+    for env in ("no_such_env", "echo"):  # unknown, or known but not what the operator named
+        (reply,) = await mux.call(mux.req("open", 1, env))
+        assert error_code(reply) == ErrorCode.FORBIDDEN
+        assert repr(env) in reply.body["message"] and "openspiel" in reply.body["message"]  # names what it serves
+    assert (await mux.one("open", 1, "openspiel"))["env"] == "openspiel"
 
 
 async def test_oversized_frame(spawn_server, mux_connect) -> None:
     server = spawn_server("--game", "catch", "--max-frame-bytes", "1024")
     mux = await mux_connect(server)
     await mux.one("open", 1)
-    await mux.send([mux.req("step", 1, {"action_id": 1, "game_name": "x" * 1500})])
+    step = mux.req("step", 1, {"action_id": 1, "game_name": "x" * 1500})
+    await mux.send([step, mux.req("ping", 0)])
+    replies = await mux.recv()  # each request of the refused frame is named, so its caller alone fails
+    assert [r.id for r in replies] == [step.id, step.id + 1]
+    assert all(error_code(r) == ErrorCode.FRAME_TOO_LARGE and "1024" in r.body["message"] for r in replies)
+    await mux.send_raw(b"\x91\xc5\x07\xd0" + b"x" * 2000)  # unreadable and too large: answered with id 0
     (reply,) = await mux.recv()
     assert reply.id == 0 and error_code(reply) == ErrorCode.FRAME_TOO_LARGE
-    assert "1024" in reply.body["message"]
     assert (await mux.one("reset", 1, 0))["observation"]["game_phase"] == "initial"
     assert server.proc.poll() is None
 
@@ -324,20 +330,22 @@ async def test_reset_storm_past_the_cap(spawn_server, mux_connect) -> None:
     assert all(r.ok for r in replies), replies
 
 
-async def test_idle_sessions_expire(spawn_server, mux_connect) -> None:
+async def test_sessions_expire_only_when_their_connection_is_silent(spawn_server, mux_connect) -> None:
     server = spawn_server("--game", "catch", "--idle-ttl", "0.4")
     mux = await mux_connect(server)
     await mux.one("open", 1)
     await mux.one("open", 2)
     await mux.one("reset", 1, 0)
-    for _ in range(6):  # keep session 1 busy while session 2 idles
+    await mux.one("reset", 2, 0)
+    for _ in range(6):  # session 2 idles, but its connection keeps talking: a sign of life for all its sessions
         await asyncio.sleep(0.15)
-        await mux.one("state", 1)
+        await mux.one("ping", 0)
+    assert (await mux.one("step", 2, 1))["observation"]["game_phase"] == "playing"
+    await asyncio.sleep(1.0)  # the connection falls silent past the TTL
     (reply,) = await mux.call(mux.req("step", 2, 1))
     assert error_code(reply) == ErrorCode.UNKNOWN_SESSION
     assert "expired" in reply.body["message"]
-    await asyncio.sleep(1.0)
-    (reply,) = await mux.call(mux.req("state", 1))
-    assert error_code(reply) == ErrorCode.UNKNOWN_SESSION
+    await mux.one("open", 2)  # an expired session may be opened again under its number
+    assert (await mux.one("reset", 2, 0))["observation"]["game_phase"] == "initial"
     await mux.one("open", 3)  # the connection is fine
     await mux.one("reset", 3, 0)

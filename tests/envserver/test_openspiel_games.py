@@ -11,7 +11,8 @@ import pyspiel
 import pytest
 
 from envserver.envs.openspiel import OPPONENTS, OpenSpielEnv
-from envserver.protocol import OpenSpielAction, Tensor
+from envserver.envs.openspiel_types import OpenSpielAction
+from envserver.protocol import Tensor
 
 GAMES = ["catch", "tic_tac_toe", "connect_four", "kuhn_poker", "leduc_poker", "breakthrough"]
 

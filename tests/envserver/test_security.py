@@ -28,7 +28,7 @@ TWO_PER_CONNECTION = """
 import sys, uvloop
 from envserver.__main__ import serve
 from envserver.config import ServerConfig
-uvloop.run(serve(ServerConfig(env="openspiel", env_options={"game": "catch"}, port=0, max_sessions_per_connection=2)))
+uvloop.run(serve(ServerConfig(envs=("openspiel",), env_options={"game": "catch"}, port=0, max_sessions_per_connection=2)))
 """
 
 
@@ -51,12 +51,14 @@ async def test_per_connection_session_limit(spawn_server, mux_connect) -> None:
     await mux.one("open", 3)  # a closed session frees its place
 
 
-async def test_token_appears_in_no_log(http) -> None:
-    server = ServerProcess(("--game", "catch", "--log-level", "debug"), env={"ENVSERVER_TOKEN": TOKEN})
+async def test_token_appears_in_no_log(http, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    server = ServerProcess(("--game", "catch", "--log-level", "debug", "--token-file", str(token_file)))
     try:
         server.wait_ready(token=TOKEN)
         await _use_with_and_without_token(server, http)
-        assert "--token" not in Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().decode(errors="replace")
+        assert TOKEN not in Path(f"/proc/{server.proc.pid}/cmdline").read_bytes().decode(errors="replace")
         server.terminate()
         logs = server.stderr() + server.stdout_path.read_text(errors="replace")
     finally:
@@ -70,7 +72,7 @@ async def _use_with_and_without_token(server: ServerProcess, http: aiohttp.Clien
         async with http.get(server.url + "/health", headers=headers) as r:
             assert r.status == (200 if headers is good else 401)
     with pytest.raises(aiohttp.WSServerHandshakeError):  # a wrong token in the query string is refused too
-        await http.ws_connect(server.ws_url + f"/ws?token={TOKEN}x")
+        await http.ws_connect(server.ws_url + f"/web/ws?token={TOKEN}x")
     ws = await http.ws_connect(server.ws_url + "/ws", headers=good)
     await ws.send_json({"type": "reset"})
     await ws.receive(timeout=10)

@@ -82,6 +82,6 @@ async def test_token_from_the_page_url_reaches_its_assets(spawn_server, http) ->
     assert 'href="/web/static/play.css?token=s3cret%26x"' in page
     async with http.get(f"{server.url}/web/static/play.js?token=s3cret%26x") as response:
         assert response.status == 200
-    async with http.ws_connect(f"{server.ws_url}/ws?token=s3cret%26x") as ws:  # what play.js opens
+    async with http.ws_connect(f"{server.ws_url}/web/ws?token=s3cret%26x") as ws:  # what play.js opens
         await ws.send_json({"type": "reset", "data": {"seed": 1}})
         assert (await ws.receive_json())["type"] == "observation"

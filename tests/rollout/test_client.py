@@ -9,14 +9,16 @@ import time
 
 import pytest
 
-from envserver.protocol import OpenSpielObservation, OpenSpielState, StepResult, Tensor
+from envserver.envs.openspiel_types import OpenSpielObservation, OpenSpielState
+from envserver.protocol import StepResult, Tensor
 from rollout import EnvClient, EnvCrashed, EpisodeOver, InvalidAction, PoolClosed, UnknownSession
 from rollout.client import ClientState
+from rollout.config import FleetConfig
 from rollout.fleet.local import LocalFleet
 
 
 async def test_typed_episode(local_fleet: LocalFleet) -> None:
-    async with EnvClient(local_fleet.urls[0]) as client:
+    async with EnvClient(local_fleet.urls[0], token=local_fleet.token) as client:
         sid = client.new_sid()
         opened = await client.open(sid)
         assert opened.env == "openspiel"
@@ -36,7 +38,7 @@ async def test_typed_episode(local_fleet: LocalFleet) -> None:
 
 
 async def test_concurrent_calls_share_frames(local_fleet: LocalFleet) -> None:
-    async with EnvClient(local_fleet.urls[0]) as client:
+    async with EnvClient(local_fleet.urls[0], token=local_fleet.token) as client:
         sids = [client.new_sid() for _ in range(200)]
         await asyncio.gather(*(client.open(s) for s in sids))
         await asyncio.gather(*(client.reset(s, seed=s) for s in sids))
@@ -49,7 +51,7 @@ async def test_concurrent_calls_share_frames(local_fleet: LocalFleet) -> None:
 
 
 async def test_a_failed_call_in_a_joined_request_fails_alone(local_fleet: LocalFleet) -> None:
-    async with EnvClient(local_fleet.urls[0]) as client:
+    async with EnvClient(local_fleet.urls[0], token=local_fleet.token) as client:
         sids = [client.new_sid() for _ in range(3)]
         await asyncio.gather(*(client.open(s) for s in sids))
         await asyncio.gather(*(client.reset(s, seed=s) for s in sids))
@@ -58,9 +60,10 @@ async def test_a_failed_call_in_a_joined_request_fails_alone(local_fleet: LocalF
         assert all(isinstance(r, StepResult) for r in (results[0], results[2]))
 
 
+@pytest.mark.parametrize("local_fleet", [FleetConfig(servers=1, env="echo")], indirect=True)
 async def test_requests_over_the_frame_limit_are_split(local_fleet: LocalFleet) -> None:
     """Steps joined into one request bigger than a frame go out split, and each answer reaches its caller."""
-    async with EnvClient(local_fleet.urls[0], env="echo", max_frame_bytes=64 * 1024) as client:
+    async with EnvClient(local_fleet.urls[0], env="echo", token=local_fleet.token, max_frame_bytes=64 * 1024) as client:
         sids = [client.new_sid() for _ in range(20)]
         await asyncio.gather(*(client.open(s, "echo") for s in sids))
         await asyncio.gather(*(client.reset(s) for s in sids))
@@ -74,7 +77,7 @@ async def test_requests_over_the_frame_limit_are_split(local_fleet: LocalFleet) 
 
 
 async def test_requests_of_one_session_run_in_order(local_fleet: LocalFleet) -> None:
-    async with EnvClient(local_fleet.urls[0]) as client:
+    async with EnvClient(local_fleet.urls[0], token=local_fleet.token) as client:
         sid = client.new_sid()
         await client.open(sid)
         # reset, then 9 steps issued at once without awaiting in between: they must apply in order
@@ -86,7 +89,7 @@ async def test_requests_of_one_session_run_in_order(local_fleet: LocalFleet) -> 
 
 
 async def test_errors_are_typed_and_name_the_request(local_fleet: LocalFleet) -> None:
-    async with EnvClient(local_fleet.urls[0]) as client:
+    async with EnvClient(local_fleet.urls[0], token=local_fleet.token) as client:
         sid = client.new_sid()
         await client.open(sid)
         with pytest.raises(EpisodeOver):
@@ -106,7 +109,7 @@ async def test_errors_are_typed_and_name_the_request(local_fleet: LocalFleet) ->
 
 async def test_killed_server_fails_in_flight_calls_at_once(local_fleet: LocalFleet) -> None:
     url = local_fleet.urls[0]
-    async with EnvClient(url, request_timeout=30) as client:
+    async with EnvClient(url, token=local_fleet.token, request_timeout=30) as client:
         sids = [client.new_sid() for _ in range(64)]
         await asyncio.gather(*(client.open(s) for s in sids))
         await asyncio.gather(*(client.reset(s) for s in sids))
@@ -133,7 +136,7 @@ async def test_killed_server_fails_in_flight_calls_at_once(local_fleet: LocalFle
 
 
 async def test_closed_client_refuses_calls(local_fleet: LocalFleet) -> None:
-    client = await EnvClient(local_fleet.urls[0]).connect()
+    client = await EnvClient(local_fleet.urls[0], token=local_fleet.token).connect()
     await client.close()
     with pytest.raises(PoolClosed):
         await client.open(1)

@@ -124,7 +124,7 @@ async def test_status_shows_eval_progress_and_episode_times(http: aiohttp.Client
         assert progress["done"] == 6 and progress["total"] == 10 and progress["fraction"] == 0.6
         assert progress["eta_s"] is not None and progress["eta_s"] > 0
         assert status["totals"] == {"steps": 36, "episodes": 4, "errors": 0}
-        assert status["latency"]["kind"] == "episode" and status["latency"]["p99_ms"] == pytest.approx(40.0)
+        assert status["latency"]["kind"] == "episode" and status["latency"]["p99_ms"] == pytest.approx(40.0, rel=0.01)  # histogram buckets: within 1%
         assert status["phase"] == "eval" and status["pool"] is None and status["servers"] == []
 
 

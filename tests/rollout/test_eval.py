@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
@@ -286,3 +287,41 @@ def test_cli_eval_with_a_module_policy_then_report_and_plot(policies: str, tmp_p
     plotted = rollout_cli("report", str(out), "--plot", str(png))
     assert plotted.returncode == 0, plotted.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+async def test_a_fleet_that_cannot_replace_a_server_is_not_blamed_on_the_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rollout import FleetError
+
+    killed: list[int] = []
+
+    def policy(observation: Any) -> int:
+        if not killed:  # kill the only server, and make every new one fail to start (Python cannot find its home)
+            monkeypatch.setenv("PYTHONHOME", str(tmp_path / "nowhere"))
+            for pid in _envserver_children():
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        return observation.legal_actions[0]
+
+    out = str(tmp_path / "e.jsonl")
+    async with asyncio.timeout(40):
+        with pytest.raises(FleetError, match="cannot replace"):
+            await evaluate(policy, 20, out=out, n=2, servers=1, game="catch", progress=None, start_timeout=6.0)
+    assert killed
+
+
+def _envserver_children() -> list[int]:
+    """The envserver processes this test process started."""
+    me = str(os.getpid())
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{name}/stat").read_text()
+            cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = stat.rpartition(")")[2].split()
+        if fields[1] == me and b"envserver" in cmdline and fields[0] != "Z":
+            found.append(int(name))
+    return found

@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from rollout import EnvPool
-from rollout.k8s import PLACEHOLDER_TOKEN, K8sOptions, files, manifests, render
+from rollout.k8s import TOKEN_DIR, TOKEN_FILE, K8sOptions, files, manifests, render
 from tests.conftest import ServerProcess, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,10 +80,25 @@ def test_pods_are_hardened_probed_and_bounded() -> None:
     assert set(container["resources"]) == {"requests", "limits"}
     for probe in ("readinessProbe", "livenessProbe"):
         command = container[probe]["exec"]["command"]
-        assert "/health" in command[-1] and "ENVSERVER_TOKEN" in command[-1]
-    (env,) = container["env"]
-    assert env["valueFrom"]["secretKeyRef"] == {"name": docs["Secret"]["metadata"]["name"], "key": "token"}
-    assert docs["Secret"]["stringData"]["token"] == PLACEHOLDER_TOKEN
+        assert "/health" in command[-1] and TOKEN_FILE in command[-1]
+
+
+def test_the_token_is_a_mounted_file_and_no_secret_is_committed() -> None:
+    """No Secret with a known token ships (kubectl apply -k would deploy it); the pod reads it from a file."""
+    docs = _by_kind(manifests())
+    assert "Secret" not in docs and not (DEPLOY / "secret.yaml").exists()
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    assert "env" not in container  # not in the environment, which code the server runs could read
+    command = container["command"]
+    assert command[command.index("--token-file") + 1] == TOKEN_FILE
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == TOKEN_DIR]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == "envfleet-token"
+    with_token = _by_kind(manifests(K8sOptions(token="t0k")))  # asked for: a Secret of that token
+    assert with_token["Secret"]["metadata"]["name"] == "envfleet-token"
+    assert with_token["Secret"]["stringData"] == {"token": "t0k"}
     assert docs["Service"]["spec"]["clusterIP"] == "None"
     assert docs["Service"]["spec"]["selector"] == docs["Deployment"]["spec"]["selector"]["matchLabels"]
     assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"] == docs["Service"]["spec"]["selector"]
@@ -193,7 +208,7 @@ async def test_endpoints_backend_discovers_every_address_and_re_resolves() -> No
 
 
 @pytest.mark.docker
-async def test_the_probe_command_works_in_the_image() -> None:
+async def test_the_probe_command_works_in_the_image(tmp_path: Path) -> None:
     """The exec probe of the Deployment passes with the pod's token and fails without it."""
     import aiodocker
 
@@ -204,18 +219,23 @@ async def test_the_probe_command_works_in_the_image() -> None:
         skip_or_fail(f"the Docker tests cannot run: {reason}")
     container_spec = _by_kind(manifests())["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     probe = container_spec["readinessProbe"]["exec"]["command"]
+    secret_dir = tmp_path / "secret"  # stands in for the mounted Secret
+    secret_dir.mkdir()
+    secret_dir.chmod(0o755)
+    (secret_dir / "token").write_text("pod-token\n")
+    (secret_dir / "token").chmod(0o444)
     config = {
         "Image": IMAGE,
         "Cmd": container_spec["command"],
-        "Env": ["ENVSERVER_TOKEN=pod-token"],
         "User": "65534:65534",
         "Labels": {"envfleet.test": "k8s-probe"},
         "HostConfig": {"ReadonlyRootfs": True, "Tmpfs": {"/tmp": "size=64m"}, "CapDrop": ["ALL"],
-                       "SecurityOpt": ["no-new-privileges"], "NetworkMode": "none"},
+                       "SecurityOpt": ["no-new-privileges"], "NetworkMode": "none",
+                       "Binds": [f"{secret_dir}:{TOKEN_DIR}:ro"]},
     }
 
-    async def exit_code(container: Any, env: list[str] | None = None) -> int:
-        run = await container.exec(probe, environment=env)
+    async def exit_code(container: Any) -> int:
+        run = await container.exec(probe)
         async with run.start(detach=False) as stream:
             while await stream.read_out() is not None:
                 pass
@@ -230,6 +250,7 @@ async def test_the_probe_command_works_in_the_image() -> None:
                 await asyncio.sleep(0.2)
             else:
                 pytest.fail("the probe never passed against a healthy server")
-            assert await exit_code(container, ["ENVSERVER_TOKEN=wrong"]) != 0
+            (secret_dir / "token").write_text("wrong\n")  # the server keeps the token it read at start
+            assert await exit_code(container) != 0
         finally:
             await container.delete(force=True)

@@ -100,3 +100,27 @@ def _envserver_pids() -> list[int]:
             if b"envserver" in cmdline and b"--exit-with-stdin" in cmdline:
                 pids.append(int(entry))
     return pids
+
+
+async def test_the_health_wait_ends_at_its_deadline_or_when_the_server_is_known_dead() -> None:
+    import socket
+    import time
+
+    import aiohttp
+
+    from rollout.fleet.health import wait_healthy
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    async with aiohttp.ClientSession() as http:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="connection refused"):
+            await wait_healthy(http, url, time.monotonic() + 0.5)
+        assert time.monotonic() - started < 1.5
+
+        async def dead() -> str | None:
+            return "exited with code 3"
+
+        with pytest.raises(ConnectionError, match="exited with code 3"):
+            await asyncio.wait_for(wait_healthy(http, url, time.monotonic() + 30, dead=dead), 2.0)

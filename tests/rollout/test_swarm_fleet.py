@@ -111,6 +111,11 @@ async def _containers(pool_id: str) -> list[dict[str, Any]]:
         return [await docker.containers.container(c.id).show() for c in found]
 
 
+async def _secrets(pool_id: str) -> list[Any]:
+    async with aiodocker.Docker() as docker:
+        return await docker.secrets.list(filters={"label": [f"{LABEL_POOL}={pool_id}"]})
+
+
 async def _assert_gone(pool_id: str) -> None:
     assert await _services(pool_id) == []
     assert await _containers(pool_id) == []
@@ -159,7 +164,13 @@ async def test_service_health_hardening_labels_token_and_stop(swarm):
             assert labels[LABEL_POOL] == fleet.pool_id
             assert float(labels[LABEL_EXPIRES]) > time.time()
         assert set(fleet.containers().values()) == {c["Id"] for c in containers}
+        # The token travels as a swarm secret file, in no field docker inspect shows.
+        assert fleet.token not in json.dumps(service) and all(fleet.token not in json.dumps(c) for c in containers)
+        (secret,) = spec["TaskTemplate"]["ContainerSpec"]["Secrets"]
+        assert secret["SecretName"] == fleet.secret_name and secret["File"]["Mode"] == 0o400
+        assert [s["Spec"]["Name"] for s in await _secrets(fleet.pool_id)] == [fleet.secret_name]
     await _assert_gone(fleet.pool_id)
+    assert await _secrets(fleet.pool_id) == []
     await fleet.stop()  # idempotent
 
 

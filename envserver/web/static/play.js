@@ -1,4 +1,4 @@
-// The envfleet play page: one WebSocket to the server's OpenEnv endpoint WS /ws is one session.
+// The envfleet play page: one WebSocket to the server's OpenEnv endpoint (WS /web/ws, the page's own /ws) is one session.
 "use strict";
 
 (() => {
@@ -21,7 +21,7 @@
     }
   }
 
-  /** One WS /ws connection: requests are answered in order, so replies resolve a FIFO of promises. */
+  /** One WS /web/ws connection: requests are answered in order, so replies resolve a FIFO of promises. */
   class Session {
     constructor(onStatus) {
       this.ws = null;
@@ -30,7 +30,7 @@
     }
 
     connect() {
-      const url = new URL(withToken("/ws"), location.href);
+      const url = new URL(withToken("/web/ws"), location.href);
       url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
       this.onStatus(`Connecting to ${url.host}…`);
       return new Promise((resolve, reject) => {
