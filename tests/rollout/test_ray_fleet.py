@@ -221,7 +221,7 @@ async def test_an_actor_killed_every_second_loses_duplicates_and_changes_nothing
         reference, _ = await play(pool, policy, episodes, 11)
         killer = asyncio.create_task(kill_every_second())
         try:
-            records, _ = await play(pool, make_policy(0.0005), episodes, 11)  # ~5 s: several kills land
+            records, _ = await play(pool, make_policy(0.008), episodes, 11)  # >= 703 steps per env x 8 ms: several kills land
         finally:
             killer.cancel()
             await asyncio.gather(killer, return_exceptions=True)
