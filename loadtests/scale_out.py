@@ -53,6 +53,7 @@ from rollout.fleet.docker import LABEL_POOL
 from rollout.pool import EnvPool
 
 OUT = Path(__file__).resolve().parent / "out" / "scale_out.json"
+RAY_MODES = ("per-env", "batched", "vector")  # --backend ray: the per-env, batched and columnar (VectorPool) APIs
 MIB = 1024 * 1024
 
 
@@ -192,7 +193,7 @@ async def _measure_pool(backend: str, servers: int, args: argparse.Namespace) ->
         pids = [backend_.pid(url) for url in pool.servers]
         print(f"[{backend} x{servers}] healthy in {row['healthy_s']:.2f} s, {args.n} sessions open after "
               f"{row['pool_start_s']:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
-        for mode in ("per-env", "batched"):
+        for mode in RAY_MODES:
             cpu0, client0 = sum(map(cpu_seconds, pids)), _client_cpu()
             result = await measure(pool, mode, args.seconds, warmup=args.warmup)
             servers_cpu, client_cpu = sum(map(cpu_seconds, pids)) - cpu0, _client_cpu() - client0
@@ -240,7 +241,7 @@ async def run_ray(args: argparse.Namespace) -> int:
             local_rows = [r for r in rows if r["backend"] == "local" and r["servers"] == count and "healthy_s" in r]
             if ray_rows:
                 summary[f"ray_healthy_s_{count}"] = max(r["healthy_s"] for r in ray_rows)  # the worst round
-            for mode in ("per-env", "batched"):
+            for mode in RAY_MODES:
                 ray_rate = [r[mode]["steps_per_s"] for r in ray_rows if mode in r]
                 local_rate = [r[mode]["steps_per_s"] for r in local_rows if mode in r]
                 if ray_rate and local_rate:  # mean over the rounds
