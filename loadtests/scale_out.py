@@ -3,6 +3,11 @@
 usage: python loadtests/scale_out.py [--replicas 128] [--n 4096] [--seconds 10] [--warmup 2]
                                      [--backends swarm,docker] [--image envfleet:latest]
                                      [--max-seconds 1500] [--out loadtests/out/scale_out.json]
+       python loadtests/scale_out.py --backend ray [--counts 8,32,64] [--rounds 2] [--n 1024]
+                                     [--seconds 5] [--out loadtests/out/scale_out_ray.json]
+
+With ``--backend ray`` (issue 17), see ``run_ray``: K server actors on a local Ray cluster against K
+local server processes, for each K of ``--counts``, in the same run.
 
 For each backend, one ``EnvPool(n, game="catch", backend=B, servers=K)``:
 
@@ -35,6 +40,7 @@ from typing import Any
 
 import aiodocker
 import msgspec
+from common import cpu_seconds
 from fleet_startup import (  # loadtests/ is on sys.path when run as a script
     cgroup_cpu,
     cgroup_memory,
@@ -47,6 +53,7 @@ from rollout.fleet.docker import LABEL_POOL
 from rollout.pool import EnvPool
 
 OUT = Path(__file__).resolve().parent / "out" / "scale_out.json"
+RAY_MODES = ("per-env", "batched", "vector")  # --backend ray: the per-env, batched and columnar (VectorPool) APIs
 MIB = 1024 * 1024
 
 
@@ -171,7 +178,86 @@ async def _leave_swarm() -> None:
                 await asyncio.sleep(0.1)
 
 
+async def _measure_pool(backend: str, servers: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a catch pool of ``servers`` servers on ``backend``; time it; measure both APIs; close it."""
+    timings: dict[str, float] = {}
+    _timed_backends(timings)
+    row: dict[str, Any] = {"backend": backend, "servers": servers, "n": args.n, "load_before": os.getloadavg()[0]}
+    pool = EnvPool(n=args.n, game="catch", backend=backend, servers=servers, ray_cpus=args.ray_cpus, start_timeout=args.start_timeout)
+    began = time.perf_counter()
+    try:
+        await pool.start()
+        row["pool_start_s"] = time.perf_counter() - began
+        row["healthy_s"] = timings["healthy_s"]
+        backend_: Any = pool.backend
+        pids = [backend_.pid(url) for url in pool.servers]
+        print(f"[{backend} x{servers}] healthy in {row['healthy_s']:.2f} s, {args.n} sessions open after "
+              f"{row['pool_start_s']:.2f} s (load {os.getloadavg()[0]:.1f})", flush=True)
+        for mode in RAY_MODES:
+            cpu0, client0 = sum(map(cpu_seconds, pids)), _client_cpu()
+            result = await measure(pool, mode, args.seconds, warmup=args.warmup)
+            servers_cpu, client_cpu = sum(map(cpu_seconds, pids)) - cpu0, _client_cpu() - client0
+            row[mode] = {**msgspec.to_builtins(result), "client_cpu_s": client_cpu, "servers_cpu_s": servers_cpu,
+                         "cores_used": (client_cpu + servers_cpu) / (args.seconds + args.warmup)}
+            print(f"[{backend} x{servers}] {mode}: {result.steps_per_s:,.0f} steps/s, p50 {result.latency_p50_ms:.1f} ms, "
+                  f"p99 {result.latency_p99_ms:.1f} ms, errors {result.errors}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+        row["error"] = f"{type(exc).__name__}: {exc}"
+        print(f"[{backend} x{servers}] failed: {row['error']}", flush=True)
+    finally:
+        closing = time.perf_counter()
+        await pool.close()
+        row["remove_s"] = time.perf_counter() - closing
+    return row
+
+
+async def run_ray(args: argparse.Namespace) -> int:
+    """K Ray server actors against K local server processes, for each K of ``--counts``.
+
+    The run is the driver of a local Ray cluster it starts first (as a trainer's job would be),
+    with ``max(K) * --ray-cpus`` logical CPUs, so that ``healthy_s`` is the actors' start-up,
+    not the cluster's; ``ray_init_s`` is recorded apart. Local and Ray pools of the same size
+    run back to back, so their ratio is measured under the same load.
+    """
+    import ray
+
+    counts = [int(c) for c in args.counts.split(",")]
+    began = time.perf_counter()
+    ray.init(num_cpus=int(max(counts) * args.ray_cpus + 0.999), include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    ray_init_s = time.perf_counter() - began
+    rows: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(args.max_seconds):
+            for count in counts:
+                for round_ in range(args.rounds):  # ABBA order: neither backend always runs at the later load
+                    for backend in ("ray", "local") if round_ % 2 == 0 else ("local", "ray"):
+                        rows.append({**await _measure_pool(backend, count, args), "round": round_})
+    finally:
+        ray.shutdown()
+        summary: dict[str, Any] = {"ray_init_s": ray_init_s}
+        for count in counts:
+            ray_rows = [r for r in rows if r["backend"] == "ray" and r["servers"] == count and "healthy_s" in r]
+            local_rows = [r for r in rows if r["backend"] == "local" and r["servers"] == count and "healthy_s" in r]
+            if ray_rows:
+                summary[f"ray_healthy_s_{count}"] = max(r["healthy_s"] for r in ray_rows)  # the worst round
+            for mode in RAY_MODES:
+                ray_rate = [r[mode]["steps_per_s"] for r in ray_rows if mode in r]
+                local_rate = [r[mode]["steps_per_s"] for r in local_rows if mode in r]
+                if ray_rate and local_rate:  # mean over the rounds
+                    summary[f"ray_vs_local_{mode}_{count}"] = statistics.mean(ray_rate) / statistics.mean(local_rate)
+        if f"ray_healthy_s_{max(counts)}" in summary and max(counts) >= 64:
+            summary["target_64_healthy_30s"] = summary[f"ray_healthy_s_{max(counts)}"] <= 30.0
+        ratios = [v for k, v in summary.items() if k.startswith("ray_vs_local_per-env")]
+        if ratios:
+            summary["target_per_env_0.9x"] = min(ratios) >= 0.9
+        _write(args, rows, [], summary)
+    return 1 if any("error" in r for r in rows) else 0
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.backend == "ray":
+        return await run_ray(args)
     backends = args.backends.split(",")
     ours = "swarm" in backends and await _swarm_state() == "inactive"
     rows: list[dict[str, Any]] = []
@@ -192,9 +278,9 @@ async def main(args: argparse.Namespace) -> int:
     return 1 if notes or any("error" in r for r in rows) else 0
 
 
-def _write(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str]) -> None:
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], notes: list[str], summary: dict[str, Any] | None = None) -> None:
     by = {r["backend"]: r for r in rows}
-    summary: dict[str, Any] = {}
+    summary = {} if summary is None else summary
     if "swarm" in by and "docker" in by and "per-env" in by["swarm"] and "per-env" in by["docker"]:
         for mode in ("per-env", "batched"):
             summary[f"swarm_vs_docker_{mode}"] = by["swarm"][mode]["steps_per_s"] / by["docker"][mode]["steps_per_s"]
@@ -224,8 +310,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image", default="envfleet:latest")
     parser.add_argument("--start-timeout", type=float, default=600.0)
     parser.add_argument("--max-seconds", type=float, default=1500.0, help="bound on the whole run")
-    parser.add_argument("--out", default=str(OUT))
-    return parser.parse_args()
+    parser.add_argument("--out", default=None, help=f"default {OUT} (--backend ray: scale_out_ray.json beside it)")
+    parser.add_argument("--backend", choices=["ray"], help="ray: Ray server actors against local servers (--counts)")
+    parser.add_argument("--counts", default="8,32,64", help="--backend ray: server counts to measure")
+    parser.add_argument("--rounds", type=int, default=2, help="--backend ray: measurements of each backend per count")
+    parser.add_argument("--ray-cpus", type=float, default=1.0, help="--backend ray: num_cpus of each server actor")
+    args = parser.parse_args()
+    if args.out is None:
+        args.out = str(OUT.with_name("scale_out_ray.json") if args.backend == "ray" else OUT)
+    return args
 
 
 if __name__ == "__main__":

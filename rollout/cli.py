@@ -23,13 +23,14 @@ def _fleet_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--game", default="catch", help="OpenSpiel game (default: catch)")
     parser.add_argument("--options", type=json.loads, default={}, help="JSON object of environment options")
     parser.add_argument("--n", type=int, default=256, help="concurrent env sessions (default: 256)")
-    parser.add_argument("--backend", default="local", choices=["local", "endpoints", "docker", "swarm"], help="where servers run")
+    parser.add_argument("--backend", default="local", choices=["local", "endpoints", "docker", "swarm", "ray"], help="where servers run")
     parser.add_argument("--servers", type=int, help="number of servers (default: one per core)")
     parser.add_argument("--endpoint", action="append", default=[], help="server URL or dns://name:port (backend endpoints)")
     parser.add_argument("--image", default="envfleet:latest", help="image of the docker and swarm backends")
     parser.add_argument("--network", choices=["published", "isolated"], help="docker: isolated = no route out (default for python_sandbox)")
     parser.add_argument("--max-sessions", type=int, help="session cap per server")
     parser.add_argument("--token", help="bearer token of the servers")
+    parser.add_argument("--ray-address", help="backend ray: 'auto', host:port or ray://host:port (default: this job's or a local cluster)")
 
 
 def _dashboard_arg(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +58,7 @@ def _pool_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "image": args.image,
         "network": args.network,
         "token": args.token,
+        "ray_address": args.ray_address,
     }
     if args.max_sessions is not None:
         kwargs["max_sessions"] = args.max_sessions
@@ -122,9 +124,11 @@ def _fleet_parser(commands: Any) -> None:
     ls = sub.add_parser("ls", help="list envfleet containers (yours; --all: every user's)")
     ls.add_argument("--all", action="store_true", help="every user's containers")
     ls.add_argument("--json", action="store_true", help="print JSON")
+    _fleet_backend_args(ls)
     ls.set_defaults(handler=_fleet_ls)
     reap = sub.add_parser("reap", help="remove expired and orphaned envfleet containers and swarm services (--all: all of yours)")
     reap.add_argument("--all", action="store_true", help="remove all of your envfleet containers, not only leftovers")
+    _fleet_backend_args(reap)
     reap.set_defaults(handler=_fleet_reap)
     k8s = sub.add_parser("k8s-manifest", help="print Kubernetes manifests of a fleet (Deployment, headless Service, ...)")
     k8s.add_argument("--replicas", type=int, default=2, help="pods (default: 2)")
@@ -139,7 +143,15 @@ def _fleet_parser(commands: Any) -> None:
     k8s.set_defaults(handler=_k8s_manifest)
 
 
+def _fleet_backend_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", choices=["docker", "ray"], default="docker",
+                        help="docker (containers and swarm services) or ray (actors)")
+    parser.add_argument("--ray-address", help="backend ray: the cluster (default: 'auto', the one this machine is part of)")
+
+
 async def _fleet_ls(args: argparse.Namespace) -> int:
+    if args.backend == "ray":
+        return await _ray_ls(args)
     from .fleet.docker import list_containers
 
     rows = await list_containers(all_users=args.all)
@@ -153,6 +165,8 @@ async def _fleet_ls(args: argparse.Namespace) -> int:
 
 
 async def _fleet_reap(args: argparse.Namespace) -> int:
+    if args.backend == "ray":
+        return await _ray_reap(args)
     from .fleet.docker import reap
     from .fleet.swarm import reap_services
 
@@ -161,6 +175,27 @@ async def _fleet_reap(args: argparse.Namespace) -> int:
         print(f"removed {len(services)} swarm service(s): {', '.join(services)}")
     removed = await reap(expired_only=not args.all)
     print(f"removed {len(removed)} container(s){': ' + ', '.join(removed) if removed else ''}")
+    return EXIT_OK
+
+
+async def _ray_ls(args: argparse.Namespace) -> int:
+    from .fleet.ray import list_actors
+
+    rows = await asyncio.to_thread(list_actors, args.ray_address or "auto")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    print(f"{'NAME':<28} {'POOL':<14} {'STATE':<12} {'ORPHANED':<9} URL")
+    for row in rows:
+        print(f"{row['name']:<28} {row['pool']:<14} {row['state']:<12} {str(row['orphaned']):<9} {row.get('url') or '-'}")
+    return EXIT_OK
+
+
+async def _ray_reap(args: argparse.Namespace) -> int:
+    from .fleet.ray import reap
+
+    removed = await asyncio.to_thread(reap, args.ray_address or "auto", everything=args.all)
+    print(f"removed {len(removed)} ray actor(s){': ' + ', '.join(removed) if removed else ''}")
     return EXIT_OK
 
 

@@ -28,6 +28,11 @@ class FleetConfig(msgspec.Struct, frozen=True, kw_only=True):
     lifetime: float = 6 * 3600.0  # hard lifetime of a container, seconds
     max_creating: int = 8  # container creations in flight at once
     network: str | None = None  # docker: "published" (127.0.0.1 ports) or "isolated" (no route out); None: isolated for python_sandbox
+    ray_address: str | None = None  # backend "ray": None (this job's or a local cluster), "auto", "host:port" or "ray://host:port"
+    ray_cpus: float = 1.0  # backend "ray": num_cpus of each server actor
+    ray_resources: dict[str, float] = {}  # backend "ray": custom resources of each server actor
+    ray_placement_group: Any = None  # backend "ray": a ray.util.placement_group to place the actors in; None: SPREAD
+    ray_detached: bool = False  # backend "ray": actors outlive the driver (then `rollout fleet reap --backend ray`)
 
     def docker_network(self) -> str:
         if self.network is not None:

@@ -6,7 +6,7 @@ from ..config import FleetConfig
 from ..errors import FleetError
 from .base import FleetBackend
 
-BACKENDS = ("local", "endpoints", "docker", "swarm")
+BACKENDS = ("local", "endpoints", "docker", "swarm", "ray")
 
 
 def make_backend(config: FleetConfig) -> FleetBackend:
@@ -27,6 +27,10 @@ def make_backend(config: FleetConfig) -> FleetBackend:
         from .swarm import SwarmFleet
 
         return SwarmFleet(config)
+    if config.backend == "ray":
+        from .ray import RayFleet
+
+        return RayFleet(config)
     raise FleetError(f"unknown backend {config.backend!r}; choose one of {', '.join(BACKENDS)}")
 
 

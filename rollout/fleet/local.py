@@ -12,6 +12,7 @@ its environment or command line, which code the server runs could read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import sys
 import tempfile
@@ -126,7 +127,8 @@ async def _terminate(server: _Server, grace: float = 5.0) -> None:
         except ProcessLookupError:
             pass
         except asyncio.TimeoutError:
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):  # it exited meanwhile (uvloop raises then)
+                process.kill()
             await process.wait()
     if process.stdin is not None:
         process.stdin.close()
