@@ -347,7 +347,7 @@ async def _until(predicate: Any, timeout: float = 5.0) -> bool:
 @pytest.fixture
 def token_server(spawn_server: Any) -> Iterator[tuple[Any, dict[str, str], str]]:
     """A python_sandbox server holding its token in both places a process can leak it: argv and environment."""
-    token = secrets.token_urlsafe(24)
+    token = "t" + secrets.token_urlsafe(24)  # argparse would read a leading "-" as an option
     server = spawn_server("--env", "python_sandbox", "--token", token, env={"ENVSERVER_TOKEN": token})
     headers = {"Authorization": f"Bearer {token}"}
     yield server, headers, token
