@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import msgspec
@@ -198,7 +198,33 @@ def _ignore_outcome(future: asyncio.Future[Any]) -> None:
 _ARGS = {StepMany: "actions", ResetMany: "seeds"}
 
 
-class EnvClient:
+class ClientLifecycle:
+    """What every client shares: ``async with`` connects and closes it, ``wait_broken`` waits for its end."""
+
+    url: str
+    _ended: asyncio.Event | None
+
+    async def connect(self) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        client: Self = await self.connect()
+        return client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def wait_broken(self) -> None:
+        """Return when the connection has ended (the server lost, or the client closed)."""
+        if self._ended is None:
+            raise PoolClosed("client was never connected", server=self.url)
+        await self._ended.wait()
+
+
+class EnvClient(ClientLifecycle):
     """A connection to one envserver's ``/v1/mux``; typed calls on numbered sessions."""
 
     def __init__(
@@ -291,18 +317,6 @@ class EnvClient:
         finally:
             if self._http is not None and not was_new:
                 await asyncio.shield(self._http.close())
-
-    async def __aenter__(self) -> EnvClient:
-        return await self.connect()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def wait_broken(self) -> None:
-        """Return when the connection has ended (died, or closed)."""
-        if self._ended is None:
-            raise PoolClosed("client was never connected", server=self.url)
-        await self._ended.wait()
 
     @property
     def in_flight(self) -> int:
