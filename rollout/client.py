@@ -513,8 +513,8 @@ class EnvClient(ClientLifecycle):
                     good.append(index)
                 except _ENCODE_ERRORS as exc:
                     bad.append((index, exc))
-            for index, exc in bad:
-                pending.pick([index]).fail(UnencodableAction, _unencodable(exc), server=self.url, request=request.id)
+            for index, reason in bad:
+                pending.pick([index]).fail(UnencodableAction, _unencodable(reason), server=self.url, request=request.id)
             if not bad:  # the options of a ResetMany: every session's call fails
                 pending.fail(UnencodableAction, _unencodable(error), server=self.url, request=request.id)
             elif good:
