@@ -208,7 +208,7 @@ async def vector_case(pool_kwargs: dict[str, Any], n: int, seconds: float, warmu
     async with EnvPool(n=n, **pool_kwargs) as pool:
         vector = pool.vector(batch_size=n // 2 if pipelined else None)
         rng = np.random.default_rng(0)
-        obs, info = await vector.reset(seed=0)
+        _, info = await vector.reset(seed=0)
 
         def pick(mask: np.ndarray) -> np.ndarray:
             return np.argmax(rng.random(mask.shape) * mask, axis=1) if mask.shape[1] else np.zeros(len(mask), np.int64)

@@ -44,7 +44,6 @@ from envserver.protocol import (
     VecReset,
     VecStep,
     msgpack_decoder,
-    msgpack_encoder,
     mux_reply_decoder,
 )
 

@@ -134,7 +134,7 @@ class VectorPool:
                 raise ValueError(f"{len(episodes)} episode indices for {len(ids)} envs")
             self._episode[ids] = np.asarray(episodes, np.int64)
         self._send_resets(ids)
-        obs, reward, terminated, truncated, info = await self._receive(len(ids), by_id=env_ids is None)
+        obs, _, _, _, info = await self._receive(len(ids), by_id=env_ids is None)
         return obs, info
 
     async def step(self, actions: Any) -> StepTuple:

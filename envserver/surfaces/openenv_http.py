@@ -18,8 +18,6 @@ from starlette.responses import Response
 
 from .. import __version__, envs
 from ..errors import ServerError
-from .mcp import handle_jsonrpc
-from .openenv_ws import openenv_result
 from ..protocol import (
     ErrorCode,
     HealthStatus,
@@ -31,6 +29,8 @@ from ..protocol import (
 )
 from ..server import EnvServer, coded
 from ..sessions import Session
+from .mcp import handle_jsonrpc
+from .openenv_ws import openenv_result
 
 SESSION_HEADER = "x-session-id"
 

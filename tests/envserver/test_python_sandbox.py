@@ -23,9 +23,9 @@ import pytest
 from envserver.envs.sandbox.env import PythonSandboxEnv
 from envserver.envs.sandbox.isolation import descendants, detect
 from envserver.envs.sandbox.tasks import TASKS
+from envserver.envs.sandbox.types import PythonAction, PythonObservation
 from envserver.envs.sandbox.worker import proc_stat
 from envserver.errors import ServerError
-from envserver.envs.sandbox.types import PythonAction, PythonObservation
 from envserver.protocol import ErrorCode
 from tests.conftest import skip_or_fail
 

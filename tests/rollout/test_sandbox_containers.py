@@ -24,7 +24,6 @@ from rollout.fleet.docker import LABEL_POOL, DockerFleet
 from rollout.fleet.sandbox_security import profile, profile_json, sandbox_host_config, swarm_session_args
 from rollout.fleet.swarm import SwarmFleet
 
-
 from .docker_support import IMAGE, require_docker
 
 PROFILE_FILE = Path(__file__).resolve().parents[2] / "deploy" / "seccomp-sandbox.json"

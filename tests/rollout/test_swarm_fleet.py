@@ -27,7 +27,6 @@ from rollout.config import FleetConfig
 from rollout.errors import EnvCrashed, FleetError
 from rollout.fleet.docker import LABEL_EXPIRES, LABEL_OWNER, LABEL_POOL
 from rollout.fleet.swarm import SwarmFleet, reap_services
-
 from tests.conftest import skip_or_fail
 
 from .docker_support import IMAGE, docker_unavailable, require_docker
