@@ -194,14 +194,6 @@ def in_process_full(k: int = 256, seed: int = 0) -> Callable[[float], int]:
 # ---------------------------------------------------------------------------- (b), (c), (e) through envfleet
 
 
-def run_async(coro_fn: Callable[[float], Any]) -> Callable[[float], int]:
-    def run(deadline: float) -> int:
-        result: int = asyncio.run(coro_fn(deadline))
-        return result
-
-    return run
-
-
 async def vector_case(pool_kwargs: dict[str, Any], n: int, seconds: float, warmup: float, pipelined: bool, name: str) -> Case:
     from rollout.pool import EnvPool
 
