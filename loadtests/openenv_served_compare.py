@@ -26,17 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from openenv_compare import (  # same directory; run as a script
-    OpenEnvServers,
-    Row,
-    arguments,
-    compare_sizes,
-    line,
-    openenv_row,
-    table,
-    with_ratios,
-    write_json,
-)
+from openenv_compare import OpenEnvServers, Row, arguments, compare_sizes, line, openenv_row, table, with_ratios, write_json  # same directory
 from pool_throughput import machine, measure_with_cpu
 from rollout import EnvPool
 
