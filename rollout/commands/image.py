@@ -38,7 +38,7 @@ from rollout.errors import FleetError
 __all__ = ["DEFAULT_BASE", "build_image"]
 
 DEFAULT_BASE = "envfleet-base:bookworm"
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
 WHEELS = DEPLOY / "wheels"
 PYTHON_VERSION = "3.11"  # the python3 of both supported bases (bookworm, python:3.11-slim)

@@ -87,7 +87,7 @@ rollout eval --env {module} --policy {module}.env:bisect --episodes 100 --out ru
 INIT = '''\
 """The {name} environment for envfleet."""
 
-from ..env import {cls}Action, {cls}Env, {cls}Observation, {cls}State
+from .env import {cls}Action, {cls}Env, {cls}Observation, {cls}State
 
 __all__ = ["{cls}Action", "{cls}Env", "{cls}Observation", "{cls}State"]
 '''
