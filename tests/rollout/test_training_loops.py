@@ -45,7 +45,7 @@ def first_legal(observation: Any) -> int:
 
 
 async def test_numpy_actions_are_plain_values_and_an_unencodable_one_fails_alone(local_fleet: LocalFleet) -> None:
-    async with EnvClient(local_fleet.urls[0]) as client:
+    async with EnvClient(local_fleet.urls[0], token=local_fleet.token) as client:
         sids = [client.new_sid() for _ in range(4)]
         await asyncio.gather(*(client.open(s) for s in sids))
         await asyncio.gather(*(client.reset(s, seed=s) for s in sids))
@@ -84,7 +84,7 @@ async def test_pool_steps_with_a_numpy_action_array() -> None:
 
 
 async def test_a_writer_that_cannot_send_breaks_the_client(local_fleet: LocalFleet) -> None:
-    async with EnvClient(local_fleet.urls[0]) as client:
+    async with EnvClient(local_fleet.urls[0], token=local_fleet.token) as client:
         sid = client.new_sid()
         await client.open(sid)
         await client.reset(sid, seed=1)
@@ -118,7 +118,7 @@ async def test_oversized_requests_fail_alone_before_sending_and_on_the_server() 
         assert pool.clients[0].frames_sent == frames + 1  # only the step that fits went out
         assert not pool.replacements_log and pool.clients[0].state is ClientState.OPEN
         # A client that does not know the limit sends it; the server refuses that request alone.
-        async with EnvClient(pool.servers[0], env="echo") as client:
+        async with EnvClient(pool.servers[0], env="echo", token=pool.backend.token) as client:
             sid = client.new_sid()
             await client.open(sid)
             async with asyncio.timeout(10):
