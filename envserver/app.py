@@ -12,16 +12,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route, WebSocketRoute
 
-from .surfaces import openenv_http as http
 from .auth import LoopbackHostCheck, OriginCheck, TokenAuth, is_loopback
 from .config import ServerConfig
 from .executor import finish_background
+from .protocol import ErrorCode
+from .server import EnvServer
+from .surfaces import openenv_http as http
 from .surfaces.metrics import metrics_endpoint
 from .surfaces.mux import mux_endpoint
 from .surfaces.openapi import openapi_document
 from .surfaces.openenv_ws import ws_endpoint
-from .protocol import ErrorCode
-from .server import EnvServer
 from .surfaces.web.routes import web_routes
 
 

@@ -341,13 +341,6 @@ class HealthStatus(msgspec.Struct):
     status: str = "healthy"
 
 
-class JsonRpcRequest(msgspec.Struct):
-    jsonrpc: str
-    method: str
-    id: int | str | None = None
-    params: dict[str, Any] = {}
-
-
 # --------------------------------------------------------------------------- codecs
 
 msgpack_encoder = msgspec.msgpack.Encoder()

@@ -6,7 +6,8 @@ import asyncio
 import itertools
 import logging
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
+from collections.abc import Callable
 
 from .env import Environment
 from .errors import ServerError

@@ -34,9 +34,9 @@ from typing import Any
 import msgspec
 
 from common import proc_stat, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
-from rollout.telemetry import percentile
 from rollout.errors import EnvCrashed
 from rollout.pool import EnvPool, PoolConfig
+from rollout.telemetry import percentile
 
 OUT = Path(__file__).resolve().parent / "out" / "chaos.json"
 FAIL_FAST_LIMIT = 1.0  # seconds from a kill to the failure of the calls in flight on it

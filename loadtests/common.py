@@ -16,7 +16,6 @@ from typing import Any
 import msgspec
 
 
-
 def write_report(benchmark: str, report: Any, out: Path, *, print_without: tuple[str, ...] = ()) -> None:
     """Write ``report`` (a msgspec Struct) with what produced it and when as JSON to ``out``, and print it.
 

@@ -32,8 +32,8 @@ from typing import Any
 
 from rollout import EnvPool, evaluate
 from rollout.commands.eval import BUILTIN_POLICIES, outcome
-from rollout.pool import EpisodeRecord
 from rollout.commands.results import EpisodeLine, Header, ResultsFile
+from rollout.pool import EpisodeRecord
 
 TARGET = 0.90
 _append_seconds = [0.0]

@@ -26,7 +26,9 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import msgspec
@@ -169,16 +171,20 @@ async def measure_openenv(
 # -- (b) envfleet, and the comparison
 
 
-async def compare_size(n: int, openenv: OpenEnvServers, servers: int, seconds: float, warmup: float) -> list[Row]:
-    rows = [Row(n=n, stack="openenv", servers=len(openenv.urls))]
+async def openenv_row(openenv: OpenEnvServers, n: int, seconds: float, warmup: float) -> Row:
+    """Measure OpenEnv's own stack at n sessions: the row the others are compared with."""
+    row = Row(n=n, stack="openenv", servers=len(openenv.urls))
     try:
-        rows[0].result, rows[0].cpu, first_error = await measure_openenv(openenv, n, seconds, warmup)
-        rows[0].error = first_error or None
+        row.result, row.cpu, first_error = await measure_openenv(openenv, n, seconds, warmup)
+        row.error = first_error or None
     except Exception as exc:
-        rows[0].error = f"{type(exc).__name__}: {exc}"
-    print(f"  n={n:>4} {line(rows[0])}", file=sys.stderr, flush=True)
-    for case in await run_size(n, servers, seconds, warmup, {}):  # pool_throughput's cases, at the same n
-        rows.append(Row(n=n, stack=f"envfleet {case.mode}", servers=servers, result=case.result, cpu=case.cpu, error=case.error))
+        row.error = f"{type(exc).__name__}: {exc}"
+    print(f"  n={n:>4} {line(row)}", file=sys.stderr, flush=True)
+    return row
+
+
+def with_ratios(rows: list[Row]) -> list[Row]:
+    """Set every row's ratios over the first row's (OpenEnv's) steps/s and steps/CPU-s."""
     base, base_cpu = rows[0].result, rows[0].cpu
     for row in rows[1:]:
         if base is not None and row.result is not None and base.steps_per_s > 0:
@@ -186,6 +192,46 @@ async def compare_size(n: int, openenv: OpenEnvServers, servers: int, seconds: f
         if base_cpu is not None and row.cpu is not None and base_cpu.steps_per_cpu_s > 0:
             row.cpu_ratio = round(row.cpu.steps_per_cpu_s / base_cpu.steps_per_cpu_s, 1)
     return rows
+
+
+CompareSize = Callable[[int, OpenEnvServers, int, float, float], Awaitable[list[Row]]]
+
+
+async def compare_sizes(args: argparse.Namespace, compare_size: CompareSize) -> tuple[list[Row], OpenEnvServers]:
+    """Start OpenEnv's servers, run ``compare_size`` at each of ``args.sizes``, and stop the servers."""
+    rows: list[Row] = []
+    openenv = OpenEnvServers(args.openenv_servers, max_sessions=max(args.sizes) + 8)
+    try:
+        await openenv.start()
+        for n in args.sizes:
+            rows += await compare_size(n, openenv, args.servers, args.seconds, args.warmup)
+    finally:
+        await openenv.stop()
+    return rows, openenv
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+
+
+def arguments(doc: str, default_sizes: list[int], servers_help: str, out: Path) -> argparse.ArgumentParser:
+    """The options both comparisons take; ``doc`` is the script's docstring."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--sizes", type=sizes, default=default_sizes, help="comma-separated session counts")
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each case")
+    parser.add_argument("--servers", type=int, default=2, help=servers_help)
+    parser.add_argument("--openenv-servers", type=int, default=2, help="OpenEnv uvicorn processes")
+    parser.add_argument("--out", type=Path, default=out)
+    return parser
+
+
+async def compare_size(n: int, openenv: OpenEnvServers, servers: int, seconds: float, warmup: float) -> list[Row]:
+    rows = [await openenv_row(openenv, n, seconds, warmup)]
+    for case in await run_size(n, servers, seconds, warmup, {}):  # pool_throughput's cases, at the same n
+        rows.append(Row(n=n, stack=f"envfleet {case.mode}", servers=servers, result=case.result, cpu=case.cpu, error=case.error))
+    return with_ratios(rows)
 
 
 def line(row: Row) -> str:
@@ -225,14 +271,7 @@ def table(rows: list[Row]) -> str:
 async def main_async(args: argparse.Namespace) -> int:
     info = machine()
     started = time.time()
-    rows: list[Row] = []
-    openenv = OpenEnvServers(args.openenv_servers, max_sessions=max(args.sizes) + 8)
-    try:
-        await openenv.start()
-        for n in args.sizes:
-            rows += await compare_size(n, openenv, args.servers, args.seconds, args.warmup)
-    finally:
-        await openenv.stop()
+    rows, openenv = await compare_sizes(args, compare_size)
     info["loadavg_at_end"] = os.getloadavg()
     errors = sum(1 if r.result is None else r.result.errors for r in rows)
     report = {
@@ -253,8 +292,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "errors": errors,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    write_json(args.out, report)
     print(table(rows))
     print(f"\nmachine: {info['cpus']} vCPU {info['cpu_model']}, load average {info['loadavg_at_start'][0]:.2f} -> "
           f"{info['loadavg_at_end'][0]:.2f}; OpenEnv: {args.openenv_servers} uvicorn process(es), "
@@ -263,14 +301,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=sizes, default=[1, 16, 256], help="comma-separated session counts")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each case")
-    parser.add_argument("--servers", type=int, default=2, help="envfleet local envserver processes")
-    parser.add_argument("--openenv-servers", type=int, default=2, help="OpenEnv uvicorn processes")
+    parser = arguments(__doc__, [1, 16, 256], "envfleet local envserver processes", OUT)
     parser.add_argument("--no-uvloop", action="store_true", help="use asyncio's default loop in the client")
-    parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     if not args.no_uvloop:
         import uvloop

@@ -26,10 +26,8 @@ import sys
 import time
 from pathlib import Path
 
-import msgspec
-
-from openenv_compare import OpenEnvServers, Row, line, measure_openenv, table  # same directory; run as a script
-from pool_throughput import machine, measure_with_cpu, sizes
+from openenv_compare import OpenEnvServers, Row, arguments, compare_sizes, line, openenv_row, table, with_ratios, write_json  # same directory
+from pool_throughput import machine, measure_with_cpu
 from rollout import EnvPool
 
 HERE = Path(__file__).resolve().parent
@@ -58,20 +56,7 @@ async def measure_served(n: int, servers: int, seconds: float, warmup: float) ->
 
 
 async def compare_size(n: int, openenv: OpenEnvServers, servers: int, seconds: float, warmup: float) -> list[Row]:
-    base = Row(n=n, stack="openenv", servers=len(openenv.urls))
-    try:
-        base.result, base.cpu, first_error = await measure_openenv(openenv, n, seconds, warmup)
-        base.error = first_error or None
-    except Exception as exc:
-        base.error = f"{type(exc).__name__}: {exc}"
-    print(f"  n={n:>4} {line(base)}", file=sys.stderr, flush=True)
-    rows = [base, *await measure_served(n, servers, seconds, warmup)]
-    for row in rows[1:]:
-        if base.result is not None and row.result is not None and base.result.steps_per_s > 0:
-            row.ratio = round(row.result.steps_per_s / base.result.steps_per_s, 1)
-        if base.cpu is not None and row.cpu is not None and base.cpu.steps_per_cpu_s > 0:
-            row.cpu_ratio = round(row.cpu.steps_per_cpu_s / base.cpu.steps_per_cpu_s, 1)
-    return rows
+    return with_ratios([await openenv_row(openenv, n, seconds, warmup), *await measure_served(n, servers, seconds, warmup)])
 
 
 def target_note(rows: list[Row]) -> str:
@@ -88,14 +73,7 @@ async def main_async(args: argparse.Namespace) -> int:
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
     info = machine()
     started = time.time()
-    rows: list[Row] = []
-    openenv = OpenEnvServers(args.openenv_servers, max_sessions=max(args.sizes) + 8)
-    try:
-        await openenv.start()
-        for n in args.sizes:
-            rows += await compare_size(n, openenv, args.servers, args.seconds, args.warmup)
-    finally:
-        await openenv.stop()
+    rows, openenv = await compare_sizes(args, compare_size)
     info["loadavg_at_end"] = os.getloadavg()
     errors = sum(1 if r.result is None else r.result.errors for r in rows)
     note = target_note(rows)
@@ -115,8 +93,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "target": note,
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    write_json(args.out, report)
     print(table(rows).replace("envfleet / OpenEnv", "envserver / OpenEnv"))
     print(f"\n{note}")
     print(f"machine: {info['cpus']} vCPU {info['cpu_model']}, load average {info['loadavg_at_start'][0]:.2f} -> "
@@ -126,13 +103,7 @@ async def main_async(args: argparse.Namespace) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=sizes, default=[1, 64, 256], help="comma-separated session counts")
-    parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per case")
-    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each case")
-    parser.add_argument("--servers", type=int, default=2, help="envserver processes serving the OpenEnv class")
-    parser.add_argument("--openenv-servers", type=int, default=2, help="OpenEnv uvicorn processes")
-    parser.add_argument("--out", type=Path, default=OUT)
+    parser = arguments(__doc__, [1, 64, 256], "envserver processes serving the OpenEnv class", OUT)
     args = parser.parse_args()
     import uvloop
 

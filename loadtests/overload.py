@@ -24,11 +24,11 @@ from pathlib import Path
 import msgspec
 
 from common import rss_mb, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)
-from rollout.telemetry import percentile
 from rollout.client import EnvClient
 from rollout.config import FleetConfig
 from rollout.errors import CapacityReached
 from rollout.fleet.local import LocalFleet
+from rollout.telemetry import percentile
 
 OUT = Path(__file__).resolve().parent / "out" / "overload.json"
 HANG_LIMIT = 30.0  # seconds any single phase may take before it counts as hung

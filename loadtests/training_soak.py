@@ -27,6 +27,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+
 import msgspec
 
 from common import fd_count, rss_mb, write_report  # loadtests/ is on sys.path (script dir; pytest's pythonpath)

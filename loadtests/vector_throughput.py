@@ -89,6 +89,20 @@ def timed(name: str, n: int, seconds: float, warmup: float, run: Callable[[float
     return case
 
 
+def random_steps(step: Callable[[np.ndarray], Any], n: int, actions: int) -> Callable[[float], int]:
+    """A ``run(deadline) -> steps`` that calls ``step`` with n random actions below ``actions`` until the deadline."""
+    rng = np.random.default_rng(0)
+
+    def run(deadline: float) -> int:
+        steps = 0
+        while time.perf_counter() < deadline:
+            step(rng.integers(0, actions, n))
+            steps += n
+        return steps
+
+    return run
+
+
 def report(case: Case) -> None:
     print(f"{case.name:<40} n={case.n:<5} {case.steps_per_s:>12,.0f} steps/s {case.steps_per_cpu_s:>12,.0f} steps/cpu-s {case.error or ''}", file=sys.stderr, flush=True)
 
@@ -96,19 +110,14 @@ def report(case: Case) -> None:
 # ---------------------------------------------------------------------------- (a) in process
 
 
-def in_process_limit(k: int = 256, seed: int = 0) -> Callable[[float], int]:
-    """One core: k catch states stepped with random legal actions, tensor in place, mask rows, auto-reset."""
+def catch_states(k: int, seed: int) -> tuple[Any, list[Any], Callable[[], Any], random.Random]:
+    """The catch game, k states past their chance node, ``fresh()`` for another such state, and the rng it draws from.
+
+    The stepping loops stay inline in each case: a call per env step would slow the baselines.
+    """
     import pyspiel
-    from open_spiel.python.observation import make_observation
 
     game = pyspiel.load_game("catch")
-    observation = make_observation(game)
-    tensor = memoryview(observation.tensor).cast("B")
-    size = len(tensor)
-    buffer = bytearray(size * k)
-    out = memoryview(buffer)
-    num_actions = game.num_distinct_actions()
-    rows: dict[tuple[int, ...], bytes] = {}
     rng = random.Random(seed)
 
     def fresh() -> Any:
@@ -117,7 +126,21 @@ def in_process_limit(k: int = 256, seed: int = 0) -> Callable[[float], int]:
         state.apply_action(outcomes[int(rng.random() * len(outcomes))][0])
         return state
 
-    states = [fresh() for _ in range(k)]
+    return game, [fresh() for _ in range(k)], fresh, rng
+
+
+def in_process_limit(k: int = 256, seed: int = 0) -> Callable[[float], int]:
+    """One core: k catch states stepped with random legal actions, tensor in place, mask rows, auto-reset."""
+    from open_spiel.python.observation import make_observation
+
+    game, states, fresh, rng = catch_states(k, seed)
+    observation = make_observation(game)
+    tensor = memoryview(observation.tensor).cast("B")
+    size = len(tensor)
+    buffer = bytearray(size * k)
+    out = memoryview(buffer)
+    num_actions = game.num_distinct_actions()
+    rows: dict[tuple[int, ...], bytes] = {}
 
     def run(deadline: float) -> int:
         steps = 0
@@ -147,18 +170,7 @@ def in_process_limit(k: int = 256, seed: int = 0) -> Callable[[float], int]:
 
 def in_process_full(k: int = 256, seed: int = 0) -> Callable[[float], int]:
     """One core: the full observation per step (legal actions, tensor as a list, text)."""
-    import pyspiel
-
-    game = pyspiel.load_game("catch")
-    rng = random.Random(seed)
-
-    def fresh() -> Any:
-        state = game.new_initial_state()
-        outcomes = state.chance_outcomes()
-        state.apply_action(outcomes[int(rng.random() * len(outcomes))][0])
-        return state
-
-    states = [fresh() for _ in range(k)]
+    _, states, fresh, rng = catch_states(k, seed)
 
     def run(deadline: float) -> int:
         steps = 0
@@ -182,21 +194,13 @@ def in_process_full(k: int = 256, seed: int = 0) -> Callable[[float], int]:
 # ---------------------------------------------------------------------------- (b), (c), (e) through envfleet
 
 
-def run_async(coro_fn: Callable[[float], Any]) -> Callable[[float], int]:
-    def run(deadline: float) -> int:
-        result: int = asyncio.run(coro_fn(deadline))
-        return result
-
-    return run
-
-
 async def vector_case(pool_kwargs: dict[str, Any], n: int, seconds: float, warmup: float, pipelined: bool, name: str) -> Case:
     from rollout.pool import EnvPool
 
     async with EnvPool(n=n, **pool_kwargs) as pool:
         vector = pool.vector(batch_size=n // 2 if pipelined else None)
         rng = np.random.default_rng(0)
-        obs, info = await vector.reset(seed=0)
+        _, info = await vector.reset(seed=0)
 
         def pick(mask: np.ndarray) -> np.ndarray:
             return np.argmax(rng.random(mask.shape) * mask, axis=1) if mask.shape[1] else np.zeros(len(mask), np.int64)
@@ -307,15 +311,7 @@ def async_vector_case(n: int, seconds: float, warmup: float) -> Case:
         envs = gymnasium.vector.AsyncVectorEnv([_catch_gym_env] * n, autoreset_mode=gymnasium.vector.AutoresetMode.NEXT_STEP)
         try:
             envs.reset(seed=0)
-            rng = np.random.default_rng(0)
-
-            def run(deadline: float) -> int:
-                steps = 0
-                while time.perf_counter() < deadline:
-                    envs.step(rng.integers(0, 3, n))
-                    steps += n
-                return steps
-
+            run = random_steps(envs.step, n, 3)
             return timed("(d) gymnasium AsyncVectorEnv", n, seconds, warmup, run, "one subprocess per env", [p.pid for p in envs.processes])
         finally:
             envs.close()
@@ -341,17 +337,8 @@ def envpool_case(n: int, seconds: float, warmup: float) -> Case:
             envs.reset()
     except Exception as exc:
         return Case("(e) envpool CartPole-v1", n, 0, 0.0, 0.0, error=f"{type(exc).__name__}: {exc}")
-    rng = np.random.default_rng(0)
-
-    def run(deadline: float) -> int:
-        steps = 0
-        while time.perf_counter() < deadline:
-            envs.step(rng.integers(0, 2, n))
-            steps += n
-        return steps
-
     try:
-        return timed("(e) envpool CartPole-v1", n, seconds, warmup, run, f"envpool {envpool.__version__}, its own threads")
+        return timed("(e) envpool CartPole-v1", n, seconds, warmup, random_steps(envs.step, n, 2), f"envpool {envpool.__version__}, its own threads")
     finally:
         envs.close()
 
@@ -361,17 +348,8 @@ def sync_cartpole_case(n: int, seconds: float, warmup: float) -> Case:
 
     envs = gymnasium.make_vec("CartPole-v1", num_envs=n, vectorization_mode="sync")
     envs.reset(seed=0)
-    rng = np.random.default_rng(0)
-
-    def run(deadline: float) -> int:
-        steps = 0
-        while time.perf_counter() < deadline:
-            envs.step(rng.integers(0, 2, n))
-            steps += n
-        return steps
-
     try:
-        return timed("(e) gymnasium SyncVectorEnv CartPole-v1", n, seconds, warmup, run, "in process, one core")
+        return timed("(e) gymnasium SyncVectorEnv CartPole-v1", n, seconds, warmup, random_steps(envs.step, n, 2), "in process, one core")
     finally:
         envs.close()
 
@@ -410,13 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     cases["e_envpool"] = envpool_case(256, seconds, warmup)
     cases["e_sync"] = sync_cartpole_case(256, seconds, warmup)
 
-    def best(*keys: str) -> Case | None:
-        found = [cases[k] for k in keys if k in cases and cases[k].steps_per_s]
-        return max(found, key=lambda c: c.steps_per_s) if found else None
+    def best(*keys: str, field: str = "steps_per_s") -> Case | None:
+        found = [cases[k] for k in keys if k in cases and getattr(cases[k], field)]
+        return max(found, key=lambda c: getattr(c, field)) if found else None
 
     def best_cpu(*keys: str) -> Case | None:
-        found = [cases[k] for k in keys if k in cases and cases[k].steps_per_cpu_s]
-        return max(found, key=lambda c: c.steps_per_cpu_s) if found else None
+        return best(*keys, field="steps_per_cpu_s")
 
     b256 = best("b256", "b256_pipe")
     b_best = best("b256", "b256_pipe", "b1024", "b1024_pipe")

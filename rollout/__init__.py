@@ -1,6 +1,8 @@
 """rollout: drive thousands of environment sessions over a fleet of envservers."""
 
 from .client import EnvClient
+from .commands.eval import evaluate
+from .commands.summary import EvalSummary
 from .config import FleetConfig
 from .errors import (
     CapacityReached,
@@ -20,9 +22,7 @@ from .errors import (
     UnencodableAction,
     UnknownSession,
 )
-from .commands.eval import evaluate
-from .pool import EnvPool, Env, EpisodeRecord, PoolConfig, episode_seed
-from .commands.summary import EvalSummary
+from .pool import Env, EnvPool, EpisodeRecord, PoolConfig, episode_seed
 
 __version__ = "0.1.0"
 

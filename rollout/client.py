@@ -23,7 +23,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, Self
 
 import aiohttp
 import msgspec
@@ -44,7 +44,6 @@ from envserver.protocol import (
     VecReset,
     VecStep,
     msgpack_decoder,
-    msgpack_encoder,
     mux_reply_decoder,
 )
 
@@ -198,7 +197,33 @@ def _ignore_outcome(future: asyncio.Future[Any]) -> None:
 _ARGS = {StepMany: "actions", ResetMany: "seeds"}
 
 
-class EnvClient:
+class ClientLifecycle:
+    """What every client shares: ``async with`` connects and closes it, ``wait_broken`` waits for its end."""
+
+    url: str
+    _ended: asyncio.Event | None
+
+    async def connect(self) -> Any:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def __aenter__(self) -> Self:
+        client: Self = await self.connect()
+        return client
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def wait_broken(self) -> None:
+        """Return when the connection has ended (the server lost, or the client closed)."""
+        if self._ended is None:
+            raise PoolClosed("client was never connected", server=self.url)
+        await self._ended.wait()
+
+
+class EnvClient(ClientLifecycle):
     """A connection to one envserver's ``/v1/mux``; typed calls on numbered sessions."""
 
     def __init__(
@@ -291,18 +316,6 @@ class EnvClient:
         finally:
             if self._http is not None and not was_new:
                 await asyncio.shield(self._http.close())
-
-    async def __aenter__(self) -> EnvClient:
-        return await self.connect()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def wait_broken(self) -> None:
-        """Return when the connection has ended (died, or closed)."""
-        if self._ended is None:
-            raise PoolClosed("client was never connected", server=self.url)
-        await self._ended.wait()
 
     @property
     def in_flight(self) -> int:
@@ -499,8 +512,8 @@ class EnvClient:
                     good.append(index)
                 except _ENCODE_ERRORS as exc:
                     bad.append((index, exc))
-            for index, exc in bad:
-                pending.pick([index]).fail(UnencodableAction, _unencodable(exc), server=self.url, request=request.id)
+            for index, reason in bad:
+                pending.pick([index]).fail(UnencodableAction, _unencodable(reason), server=self.url, request=request.id)
             if not bad:  # the options of a ResetMany: every session's call fails
                 pending.fail(UnencodableAction, _unencodable(error), server=self.url, request=request.id)
             elif good:

@@ -27,7 +27,7 @@ import msgspec
 
 from envserver.protocol import OpenResult, StepResult
 
-from .client import _ENCODE_ERRORS, DEFAULT_MAX_FRAME_BYTES, ClientState, EnvClient, _plain, _unencodable
+from .client import _ENCODE_ERRORS, DEFAULT_MAX_FRAME_BYTES, ClientLifecycle, ClientState, EnvClient, _plain, _unencodable
 from .errors import EnvCrashed, EnvError, PoolClosed, RequestTimeout, RequestTooLarge, UnencodableAction, UnknownSession, from_reply
 
 SCHEMES = ("openenv+ws://", "openenv+wss://")
@@ -89,7 +89,7 @@ class _Session:
         self.reader: asyncio.Task[None] | None = None
 
 
-class OpenEnvClient:
+class OpenEnvClient(ClientLifecycle):
     """Sessions on one OpenEnv server, one WebSocket each; the call surface of ``EnvClient``."""
 
     def __init__(
@@ -143,18 +143,6 @@ class OpenEnvClient:
         await asyncio.gather(*(self._drop(s, PoolClosed("client closed", server=self.url)) for s in sessions), return_exceptions=True)
         if self._http is not None:
             await self._http.close()
-
-    async def __aenter__(self) -> OpenEnvClient:
-        return await self.connect()
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    async def wait_broken(self) -> None:
-        """Return when the server is lost (or the client closed)."""
-        if self._ended is None:
-            raise PoolClosed("client was never connected", server=self.url)
-        await self._ended.wait()
 
     @property
     def in_flight(self) -> int:

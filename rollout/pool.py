@@ -247,15 +247,16 @@ class EnvPool:
 
     async def _connect(self, url: str) -> Client:
         assert self.backend is not None
-        client = client_class(url)(
-            url,
-            env=self.fleet_config.env,
-            token=self.backend.token,
-            request_timeout=self.config.request_timeout,
-            heartbeat=self.config.heartbeat,
-            max_frame_bytes=self.fleet_config.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES,
-        )
-        return await client.connect()
+        cls = client_class(url)
+        options: dict[str, Any] = {
+            "env": self.fleet_config.env,
+            "token": self.backend.token,
+            "request_timeout": self.config.request_timeout,
+            "heartbeat": self.config.heartbeat,
+        }
+        if cls is EnvClient:  # the frame limit is envserver's; an OpenEnv server keeps its own
+            options["max_frame_bytes"] = self.fleet_config.max_frame_bytes or DEFAULT_MAX_FRAME_BYTES
+        return await cls(url, **options).connect()
 
     async def _open_sessions(self, client: Client, envs: list[Env]) -> None:
         options = self.fleet_config.open_options()

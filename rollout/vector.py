@@ -23,14 +23,15 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from envserver.protocol import Columns, episode_seed
 
-from .client import ClientState
+from .client import ClientState, EnvClient
 from .errors import EnvCrashed, EnvError, EpisodeOver, InvalidAction
+from .openenv_client import is_openenv_url
 
 if TYPE_CHECKING:
     from .pool import EnvPool, _Slot
@@ -58,6 +59,11 @@ class _Chunk:
         self.text: list[str] | None = None
 
 
+def _columnar(slot: _Slot) -> EnvClient:
+    """The slot's client, an ``EnvClient``: ``VectorPool`` refuses OpenEnv servers, which have no columnar calls."""
+    return cast(EnvClient, slot.client)
+
+
 class VectorPool:
     """A pool's n envs stepped as one batch: numpy in, numpy out, finished envs reset by the servers."""
 
@@ -78,6 +84,9 @@ class VectorPool:
         for env in pool.envs:
             if env._slot not in slots:
                 slots.append(env._slot)
+        openenv = [slot.url for slot in slots if is_openenv_url(slot.url)]
+        if openenv:
+            raise ValueError(f"pool.vector() needs envserver's columnar calls, which the OpenEnv server {openenv[0]} lacks: step its envs one by one")
         self._slots = slots
         self._slot_of = np.array([slots.index(env._slot) for env in pool.envs], np.int64)
         self._sid = np.array([env.sid for env in pool.envs], np.int64)
@@ -125,7 +134,7 @@ class VectorPool:
                 raise ValueError(f"{len(episodes)} episode indices for {len(ids)} envs")
             self._episode[ids] = np.asarray(episodes, np.int64)
         self._send_resets(ids)
-        obs, reward, terminated, truncated, info = await self._receive(len(ids), by_id=env_ids is None)
+        obs, _, _, _, info = await self._receive(len(ids), by_id=env_ids is None)
         return obs, info
 
     async def step(self, actions: Any) -> StepTuple:
@@ -151,7 +160,7 @@ class VectorPool:
         self._busy[ids] = True
         for slot_index, rows in self._by_slot(ids):
             slot = self._slots[slot_index]
-            future = slot.client.vstep(self._sid[ids[rows]].tolist(), acts[rows].tobytes(), self.autoreset, text=self.text)
+            future = _columnar(slot).vstep(self._sid[ids[rows]].tolist(), acts[rows].tobytes(), self.autoreset, text=self.text)
             self._track(future, ids[rows], False)
 
     async def recv(self) -> StepTuple:
@@ -227,7 +236,7 @@ class VectorPool:
                 continue
             self._generation[part] = generations[slot_index]
             self._lost[part] = False
-            future = self._slots[slot_index].client.vreset(
+            future = _columnar(self._slots[slot_index]).vreset(
                 self._sid[part].tolist(), [self._base[i] for i in part.tolist()], self._episode[part].tolist(), text=self.text
             )
             self._track(future, part, True)
@@ -259,7 +268,7 @@ class VectorPool:
             raise EnvCrashed(f"no replacement server within {timeout:g} s", env=int(ids[0]), server=slot.url) from None
         self._generation[ids] = slot.replacements
         self._lost[ids] = False
-        columns: Columns = await slot.client.vreset(
+        columns: Columns = await _columnar(slot).vreset(
             self._sid[ids].tolist(), [self._base[i] for i in ids.tolist()], self._episode[ids].tolist(), text=self.text
         )
         return columns

@@ -56,7 +56,7 @@ async def play_episodes(vector: VectorPool, policy: VectorPolicy, episodes: int,
             env = getattr(exc, "env", None)
             exc.episode = int(current[env] if isinstance(env, int) else current[active[0]])  # type: ignore[attr-defined]
             raise
-        obs, reward, terminated, truncated, info = await vector.recv()
+        obs, _, terminated, truncated, info = await vector.recv()
         ids, finished = info["env_id"], terminated | truncated
         errors = info.get("error")
         for row in np.flatnonzero(finished):

@@ -17,10 +17,10 @@ import gymnasium
 import msgspec
 import numpy as np
 
-from ..surfaces.columns import ColumnBatch, ColumnSpec
 from ..env import Environment
 from ..errors import ServerError
 from ..protocol import ErrorCode, StepResult, Tensor
+from ..surfaces.columns import ColumnBatch, ColumnSpec
 
 
 class GymnasiumConfig(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -27,7 +27,7 @@ import importlib
 import inspect
 import threading
 import typing
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import msgspec
 
@@ -61,7 +61,7 @@ def _jsonable(value: Any) -> Any:
     return tolist() if callable(tolist) else repr(value)
 
 
-def _wire_types(env_class: type) -> tuple[type, type, type]:
+def _wire_types(env_class: type[Any]) -> tuple[type, type, type]:
     """The pydantic Action, Observation and State classes of ``env_class``.
 
     From its ``Environment[A, O, S]`` parameters, else from the annotations of ``step``,
@@ -137,7 +137,7 @@ def adapt(target: str) -> type[Environment]:  # type: ignore[type-arg]
         raise ServerError(ErrorCode.NOT_FOUND, f"{target!r} is not a subclass of openenv.core.env_server.Environment")
     action_cls, observation_cls, state_cls = _wire_types(wrapped)
     tools = _discover_tools(wrapped)
-    reset_params = inspect.signature(wrapped.reset).parameters
+    reset_params = inspect.signature(cast(Any, wrapped).reset).parameters
     reset_takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in reset_params.values())
     takes_action_id = "action_id" in action_cls.model_fields  # type: ignore[attr-defined]
     concurrent = bool(getattr(wrapped, "SUPPORTS_CONCURRENT_SESSIONS", False))

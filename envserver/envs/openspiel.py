@@ -12,17 +12,18 @@ import itertools
 import os
 from array import array
 from collections.abc import Mapping, Sequence
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import msgspec
 import pyspiel
 
-from ..surfaces.columns import ColumnBatch, ColumnSpec
 from ..env import Environment
 from ..errors import ServerError
 from ..protocol import ErrorCode, StepResult, Tensor
-from .openspiel_types import OpenSpielAction, OpenSpielObservation, OpenSpielState
 from ..rng import SeededRandom
+from ..surfaces.columns import ColumnBatch, ColumnSpec
+from .openspiel_types import OpenSpielAction, OpenSpielObservation, OpenSpielState
 
 Policy = Callable[[SeededRandom, list[int]], int]
 

@@ -19,9 +19,7 @@ from typing import Any
 import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .columns import VectorSessions
 from ..errors import ServerError
-from .metrics import mux_latency
 from ..protocol import (
     OPS,
     Batch,
@@ -45,6 +43,8 @@ from ..protocol import (
 )
 from ..server import EnvServer, coded
 from ..sessions import Session
+from .columns import VectorSessions
+from .metrics import mux_latency
 
 log = logging.getLogger("envserver.surfaces.mux")
 

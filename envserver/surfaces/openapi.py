@@ -11,7 +11,7 @@ from ..protocol import HttpResetRequest, HttpStepRequest, Metadata, OpenEnvResul
 
 def openapi_document(env_class: type[Environment]) -> dict[str, Any]:  # type: ignore[type-arg]
     types = (HttpResetRequest, HttpStepRequest, OpenEnvResult, Metadata, env_class.Action, env_class.Observation, env_class.State)
-    (reset, step, result, meta, action, observation, state), components = json_schemas(types, "#/components/schemas/{name}")
+    (reset, step, result, meta, _, _, state), components = json_schemas(types, "#/components/schemas/{name}")
 
     def op(summary: str, response: dict[str, Any], body: dict[str, Any] | None = None) -> dict[str, Any]:
         spec: dict[str, Any] = {

@@ -18,8 +18,6 @@ from starlette.responses import Response
 
 from .. import __version__, envs
 from ..errors import ServerError
-from .mcp import handle_jsonrpc
-from .openenv_ws import openenv_result
 from ..protocol import (
     ErrorCode,
     HealthStatus,
@@ -31,6 +29,8 @@ from ..protocol import (
 )
 from ..server import EnvServer, coded
 from ..sessions import Session
+from .mcp import handle_jsonrpc
+from .openenv_ws import openenv_result
 
 SESSION_HEADER = "x-session-id"
 
@@ -81,39 +81,6 @@ def _env_class(request: Request) -> Any:
     return envs.load(name, allow_paths=False)
 
 
-async def metadata(request: Request) -> Response:
-    try:
-        env_class = _env_class(request)
-    except ServerError as exc:
-        return error_response(exc)
-    return json_response(
-        Metadata(
-            name=env_class.name,
-            description=env_class.description,
-            version=__version__,
-            env=env_class.name,
-            surfaces=["openenv-http", "openenv-ws:/ws", "mux:/v1/mux"],
-            env_class=envs.class_path(env_class),
-            observation_type=envs.class_path(env_class.Observation),
-            state_type=envs.class_path(env_class.State),
-        )
-    )
-
-
-async def schema(request: Request) -> Response:
-    try:
-        env_class = _env_class(request)
-    except ServerError as exc:
-        return error_response(exc)
-    return json_response(
-        {
-            "action": json_schema(env_class.Action),
-            "observation": json_schema(env_class.Observation),
-            "state": json_schema(env_class.State),
-        }
-    )
-
-
 Handler = Callable[[Request], Awaitable[Response]]
 
 
@@ -128,6 +95,35 @@ def _coded_errors(handler: Handler) -> Handler:
             return error_response(coded(exc))
 
     return answer
+
+
+@_coded_errors
+async def metadata(request: Request) -> Response:
+    env_class = _env_class(request)
+    return json_response(
+        Metadata(
+            name=env_class.name,
+            description=env_class.description,
+            version=__version__,
+            env=env_class.name,
+            surfaces=["openenv-http", "openenv-ws:/ws", "mux:/v1/mux"],
+            env_class=envs.class_path(env_class),
+            observation_type=envs.class_path(env_class.Observation),
+            state_type=envs.class_path(env_class.State),
+        )
+    )
+
+
+@_coded_errors
+async def schema(request: Request) -> Response:
+    env_class = _env_class(request)
+    return json_response(
+        {
+            "action": json_schema(env_class.Action),
+            "observation": json_schema(env_class.Observation),
+            "state": json_schema(env_class.State),
+        }
+    )
 
 
 @_coded_errors

@@ -12,10 +12,10 @@ import msgspec
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from ..errors import ServerError
-from .mcp import handle_jsonrpc
 from ..protocol import ErrorCode, HttpResetRequest, OpenEnvResult, json_encoder, ws_message_decoder
 from ..server import EnvServer, coded
 from ..sessions import Session
+from .mcp import handle_jsonrpc
 
 log = logging.getLogger("envserver.ws")
 

@@ -8,12 +8,12 @@ import msgspec
 import numpy as np
 import pytest
 
-from envserver.surfaces.columns import ColumnBatch, VectorSessions
 from envserver.env import Environment
 from envserver.envs.openspiel import OpenSpielEnv
 from envserver.errors import ServerError
-from envserver.sessions import Session
 from envserver.protocol import Columns, ErrorCode, VecReset, VecStep, episode_seed
+from envserver.sessions import Session
+from envserver.surfaces.columns import ColumnBatch, VectorSessions
 
 columns_decoder = msgspec.msgpack.Decoder(Columns)
 

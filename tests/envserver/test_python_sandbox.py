@@ -23,11 +23,13 @@ import pytest
 from envserver.envs.sandbox.env import PythonSandboxEnv
 from envserver.envs.sandbox.isolation import descendants, detect
 from envserver.envs.sandbox.tasks import TASKS
+from envserver.envs.sandbox.types import PythonAction, PythonObservation
 from envserver.envs.sandbox.worker import proc_stat
 from envserver.errors import ServerError
-from envserver.envs.sandbox.types import PythonAction, PythonObservation
 from envserver.protocol import ErrorCode
 from tests.conftest import skip_or_fail
+
+from .sandbox_support import running, ws_step
 
 # --------------------------------------------------------------------------- /proc helpers
 
@@ -39,11 +41,6 @@ def _processes() -> dict[int, list[bytes]]:
 def zombie_children() -> list[int]:
     me = os.getpid()
     return [pid for pid, fields in _processes().items() if int(fields[1]) == me and fields[0] == b"Z"]
-
-
-def running(pid: int) -> bool:
-    fields = proc_stat(pid)
-    return bool(fields) and fields[0] != b"Z"
 
 
 def assert_gone(pids: list[int], timeout: float = 3.0) -> None:
@@ -406,14 +403,6 @@ def test_detection_without_bubblewrap_falls_back_with_a_reason(tmp_path: Any) ->
 # --------------------------------------------------------------------------- through a real server
 
 
-async def _ws_step(ws: aiohttp.ClientWebSocketResponse, code: str) -> dict[str, Any]:
-    await ws.send_str(json.dumps({"type": "step", "data": {"code": code}}))
-    reply = json.loads(await ws.receive_str(timeout=15))
-    assert reply["type"] == "observation", reply
-    data: dict[str, Any] = reply["data"]
-    return data
-
-
 async def test_ws_sessions_do_not_block_each_other(spawn_server: Any, http: aiohttp.ClientSession) -> None:
     server = spawn_server("--env", "python_sandbox", "--env-options", json.dumps({"timeout": 2.0}))
     slow = await http.ws_connect(server.ws_url + "/ws")
@@ -423,17 +412,17 @@ async def test_ws_sessions_do_not_block_each_other(spawn_server: Any, http: aioh
             await ws.send_str(json.dumps({"type": "reset", "data": {}}))
             reply = json.loads(await ws.receive_str(timeout=15))
             assert reply["type"] == "observation" and reply["data"]["done"] is False
-        looping = asyncio.create_task(_ws_step(slow, "while True:\n    pass"))
+        looping = asyncio.create_task(ws_step(slow, "while True:\n    pass"))
         await asyncio.sleep(0.1)
         start = time.monotonic()
-        first = await _ws_step(fast, "x = 1")
+        first = await ws_step(fast, "x = 1")
         for _ in range(20):
-            data = await _ws_step(fast, "x += 1\nprint(x)")
+            data = await ws_step(fast, "x += 1\nprint(x)")
         assert time.monotonic() - start < 1.0 and not looping.done()
         assert first["reward"] == 0.0 and data["observation"]["stdout"] == "21\n" and data["done"] is False
         timed_out = await looping
         assert timed_out["observation"]["timed_out"] and timed_out["observation"]["state_lost"]
-        assert (await _ws_step(slow, "print('again')"))["observation"]["stdout"] == "again\n"
+        assert (await ws_step(slow, "print('again')"))["observation"]["stdout"] == "again\n"
         await fast.send_str(json.dumps({"type": "state", "data": {}}))
         state = json.loads(await fast.receive_str(timeout=5))
         assert state["data"]["execution_count"] == 21

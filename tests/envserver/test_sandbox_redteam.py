@@ -27,9 +27,10 @@ import envserver.server
 from envserver.envs.sandbox.env import PythonSandboxEnv
 from envserver.envs.sandbox.isolation import descendants, detect
 from envserver.envs.sandbox.tasks import TASKS
-from envserver.envs.sandbox.worker import proc_stat
 from envserver.envs.sandbox.types import PythonAction
 from tests.conftest import skip_or_fail
+
+from .sandbox_support import running, ws_step
 
 ALWAYS_EQUAL = """
 class Yes:
@@ -39,11 +40,6 @@ class Yes:
         return False
     __hash__ = object.__hash__
 """
-
-
-def running(pid: int) -> bool:
-    fields = proc_stat(pid)
-    return bool(fields) and fields[0] != b"Z"
 
 
 def _running_children() -> set[int]:
@@ -317,14 +313,6 @@ async def _ws_open(http: aiohttp.ClientSession, server: Any, headers: dict[str, 
     return ws
 
 
-async def _ws_step(ws: aiohttp.ClientWebSocketResponse, code: str) -> dict[str, Any]:
-    await ws.send_str(json.dumps({"type": "step", "data": {"code": code}}))
-    reply = json.loads(await ws.receive_str(timeout=20))
-    assert reply["type"] == "observation", reply
-    data: dict[str, Any] = reply["data"]
-    return data
-
-
 def _sessions(server: Any, headers: dict[str, str]) -> int:
     import urllib.request
 
@@ -379,10 +367,10 @@ async def test_reading_the_token_from_proc(token_server: Any, http: aiohttp.Clie
             "def fizzbuzz(n):\n"
             "    return scan().decode('latin-1')\n"
         )
-        data = await _ws_step(ws, scan)
+        data = await ws_step(ws, scan)
         assert data["reward"] == 0.0 and data["observation"]["tests_passed"] == 0
         assert data["observation"]["stdout"].endswith("['1', '2']\n")  # only the namespace's init and itself
-        found = await _ws_step(ws, f"print({token!r}.encode() in seen, {token!r}.encode() in scan())")
+        found = await ws_step(ws, f"print({token!r}.encode() in seen, {token!r}.encode() in scan())")
         assert found["observation"]["stdout"] == "False False\n"
     finally:
         await ws.close()
@@ -409,7 +397,7 @@ async def test_connecting_back_to_the_servers_port_to_open_a_second_sandbox(toke
             "def fizzbuzz(n):\n"
             "    return connect()\n"
         )
-        data = await _ws_step(ws, code)
+        data = await ws_step(ws, code)
         assert data["reward"] == 0.0 and data["observation"]["tests_passed"] == 0
         assert data["observation"]["stdout"] == "ConnectionRefusedError\n"  # its own loopback, nothing listening
         assert _sessions(server, headers) == 1  # no second session was opened
@@ -425,7 +413,7 @@ async def test_reading_another_sessions_files(token_server: Any, http: aiohttp.C
     b = await _ws_open(http, server, headers)
     try:
         write = "import os, time\nopen('secret.txt', 'w').write('the answer')\nkeeper = os.fork() or time.sleep(60)\nprint(os.getcwd())"
-        data = await _ws_step(a, write)
+        data = await ws_step(a, write)
         assert data["observation"]["stdout"] == "/tmp\n"
         look = (
             "import glob, os\n"
@@ -443,10 +431,10 @@ async def test_reading_another_sessions_files(token_server: Any, http: aiohttp.C
             "def fizzbuzz(n):\n"
             "    return ['seen'] + look()\n"
         )
-        data = await _ws_step(b, look)
+        data = await ws_step(b, look)
         assert data["observation"]["stdout"] == "[] []\n"  # neither A's file nor A's processes (A forked one)
         assert data["reward"] == 0.0 and data["observation"]["tests_passed"] == 0
-        assert (await _ws_step(a, "print(open('secret.txt').read())"))["observation"]["stdout"] == "the answer\n"
+        assert (await ws_step(a, "print(open('secret.txt').read())"))["observation"]["stdout"] == "the answer\n"
     finally:
         await a.close()
         await b.close()

@@ -7,6 +7,8 @@ import os
 import aiodocker
 import aiohttp
 
+from tests.conftest import skip_or_fail
+
 IMAGE = os.environ.get("ENVFLEET_TEST_IMAGE", "envfleet:latest")
 
 
@@ -22,3 +24,10 @@ async def docker_unavailable() -> str | None:
     except (AssertionError, ValueError, aiodocker.DockerError, aiohttp.ClientError, OSError) as exc:
         return f"no Docker daemon reachable ({type(exc).__name__}: {exc})"
     return None
+
+
+async def require_docker(what: str = "Docker") -> None:
+    """Skip the test (fail it under CI=true) when Docker or the image is not usable here."""
+    reason = await docker_unavailable()
+    if reason is not None:
+        skip_or_fail(f"the {what} tests cannot run: {reason}")

@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 
 from rollout import EnvPool
-from rollout.commands.bench import run_bench
 from rollout.cli import DASHBOARD_PORT, build_parser
+from rollout.commands.bench import run_bench
 from rollout.commands.dashboard import Dashboard, parse_metrics
 from rollout.commands.eval import evaluate
 from rollout.fleet.local import LocalFleet

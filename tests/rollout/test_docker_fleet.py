@@ -31,7 +31,6 @@ from rollout.fleet.docker import (
     list_containers,
     reap,
 )
-
 from tests.conftest import skip_or_fail
 
 from .docker_support import IMAGE, docker_unavailable

@@ -19,7 +19,6 @@ from rollout import EnvPool, Unauthorized
 from rollout.client import EnvClient
 from rollout.config import FleetConfig
 from rollout.fleet.local import LocalFleet
-from tests.conftest import skip_or_fail
 
 
 async def _refuses_without_token(url: str, token: str) -> None:
@@ -76,11 +75,9 @@ async def test_docker_servers_require_a_token_that_is_in_no_inspect_field() -> N
 
     from rollout.fleet.docker import DockerFleet
 
-    from .docker_support import IMAGE, docker_unavailable
+    from .docker_support import IMAGE, require_docker
 
-    reason = await docker_unavailable()
-    if reason is not None:
-        skip_or_fail(f"the Docker tests cannot run: {reason}")
+    await require_docker()
     fleet = DockerFleet(FleetConfig(backend="docker", image=IMAGE, servers=1, env="echo"))
     async with fleet:
         (url,) = fleet.urls
@@ -96,11 +93,9 @@ async def test_the_image_default_command_needs_a_token_file(tmp_path: Path) -> N
     """``docker run`` of the image as is refuses to serve every interface without a token; a mounted secret starts it."""
     import aiodocker
 
-    from .docker_support import IMAGE, docker_unavailable
+    from .docker_support import IMAGE, require_docker
 
-    reason = await docker_unavailable()
-    if reason is not None:
-        skip_or_fail(f"the Docker tests cannot run: {reason}")
+    await require_docker()
     secret = tmp_path / "envfleet-token"
     secret.write_text("image-token\n")
     secret.chmod(0o444)

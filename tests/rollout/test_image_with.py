@@ -20,9 +20,8 @@ import pytest
 
 from rollout import EnvPool, FleetError
 from rollout.commands.image import build_image
-from tests.conftest import skip_or_fail
 
-from .docker_support import docker_unavailable
+from .docker_support import require_docker
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "tinyenv"
 
@@ -87,9 +86,7 @@ def test_unresolvable_dependencies_stop_before_docker(tmp_path: Path) -> None:
 @pytest.mark.docker
 @pytest.mark.slow
 async def test_image_with_a_user_package_runs_it_in_containers(tmp_path: Path) -> None:
-    reason = await docker_unavailable()
-    if reason is not None:
-        skip_or_fail(f"the Docker tests cannot run: {reason}")
+    await require_docker()
     package = tmp_path / "tinyenv"
     shutil.copytree(FIXTURE, package)  # pip builds in the source directory: not in the repo
     tag = f"envfleet-test-with:{os.getpid()}"

@@ -212,11 +212,9 @@ async def test_the_probe_command_works_in_the_image(tmp_path: Path) -> None:
     """The exec probe of the Deployment passes with the pod's token and fails without it."""
     import aiodocker
 
-    from .docker_support import IMAGE, docker_unavailable
+    from .docker_support import IMAGE, require_docker
 
-    reason = await docker_unavailable()
-    if reason is not None:
-        skip_or_fail(f"the Docker tests cannot run: {reason}")
+    await require_docker()
     container_spec = _by_kind(manifests())["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     probe = container_spec["readinessProbe"]["exec"]["command"]
     secret_dir = tmp_path / "secret"  # stands in for the mounted Secret

@@ -113,6 +113,12 @@ async def test_pool_runs_episodes_on_an_openenv_server(openenv_server: OpenEnvSe
     assert [t for t in asyncio.all_tasks() if t.get_name().startswith("openenv-read")] == []  # every reader stopped
 
 
+async def test_vector_refuses_an_openenv_server(openenv_server: OpenEnvServer) -> None:
+    async with EnvPool(n=2, env="openenv", backend="endpoints", endpoints=(openenv_server.url,)) as pool:
+        with pytest.raises(ValueError, match="columnar calls, which the OpenEnv server openenv\\+ws://.* lacks"):
+            pool.vector()
+
+
 async def test_bad_action_and_capacity_are_coded_per_session(openenv_server: OpenEnvServer) -> None:
     async with EnvPool(n=10, env="openenv", backend="endpoints", endpoints=(openenv_server.url,)) as pool:
         results = await pool.reset(return_exceptions=True)  # the server allows 8 sessions

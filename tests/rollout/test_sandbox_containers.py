@@ -24,9 +24,7 @@ from rollout.fleet.docker import LABEL_POOL, DockerFleet
 from rollout.fleet.sandbox_security import profile, profile_json, sandbox_host_config, swarm_session_args
 from rollout.fleet.swarm import SwarmFleet
 
-from tests.conftest import skip_or_fail
-
-from .docker_support import IMAGE, docker_unavailable
+from .docker_support import IMAGE, require_docker
 
 PROFILE_FILE = Path(__file__).resolve().parents[2] / "deploy" / "seccomp-sandbox.json"
 
@@ -79,9 +77,7 @@ async def _step(ws: Any, code: str) -> dict[str, Any]:
 
 @pytest.mark.docker
 async def test_sandboxes_in_a_docker_container_are_namespaced_and_grade_honestly() -> None:
-    reason = await docker_unavailable()
-    if reason is not None:
-        skip_or_fail(f"the Docker tests cannot run: {reason}")
+    await require_docker()
     fleet = DockerFleet(_config(env="python_sandbox"))  # the isolated network, as for every python_sandbox fleet
     async with fleet, aiohttp.ClientSession() as http:
         (url,) = fleet.urls

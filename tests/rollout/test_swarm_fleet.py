@@ -27,10 +27,9 @@ from rollout.config import FleetConfig
 from rollout.errors import EnvCrashed, FleetError
 from rollout.fleet.docker import LABEL_EXPIRES, LABEL_OWNER, LABEL_POOL
 from rollout.fleet.swarm import SwarmFleet, reap_services
-
 from tests.conftest import skip_or_fail
 
-from .docker_support import IMAGE, docker_unavailable
+from .docker_support import IMAGE, docker_unavailable, require_docker
 
 pytestmark = pytest.mark.docker
 
@@ -122,9 +121,7 @@ async def _assert_gone(pool_id: str) -> None:
 
 
 async def test_not_a_swarm_manager_is_a_fleet_error():
-    reason = await docker_unavailable()
-    if reason is not None:
-        skip_or_fail(f"the swarm tests cannot run: {reason}")
+    await require_docker("swarm")
     if await _swarm_state() != "inactive":
         pytest.skip("this node is in a swarm already")
     fleet = SwarmFleet(_config())

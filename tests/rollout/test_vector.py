@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from rollout import EnvCrashed, EnvError, EnvPool, EpisodeOver, InvalidAction
+from rollout import EnvError, EnvPool, EpisodeOver, InvalidAction
 from rollout.vector import VectorPool, vectorized
 from rollout.vector_episodes import play_episodes
 

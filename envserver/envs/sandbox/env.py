@@ -38,12 +38,12 @@ from ...env import Environment
 from ...errors import ServerError
 from ...executor import run_in_background
 from ...protocol import ErrorCode, StepResult
-from .types import PythonAction, PythonObservation, PythonState
 from .grader import Grade, grade
 from .grading_process import GradingLimits, GradingProcess
 from .interpreter import Interpreter, Outcome, SandboxLimits, StartError
 from .isolation import POLICIES, Isolation, detect
 from .tasks import TASKS, Task
+from .types import PythonAction, PythonObservation, PythonState
 
 
 

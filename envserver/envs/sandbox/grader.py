@@ -84,11 +84,6 @@ def _run_reference(entry: Any, test: Test) -> Any:
     return entry(*args)
 
 
-def expected_results(task: Task) -> list[Expected]:
-    """The reference solution's results on the task's tests, computed once per server process."""
-    return _prepare(task).expected
-
-
 def _prepare(task: Task) -> _Prepared:
     with _prepare_lock:
         found = _prepared.get(task.name)

@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import sys
+
 TYPE_CHECKING = False  # the grading process starts faster without importing typing
 if TYPE_CHECKING:
     from typing import Any

@@ -336,7 +336,7 @@ class Interpreter:
             reply = _reply_decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise ValueError(f"control channel corrupted: {exc}") from None
-        if (seq is None) != isinstance(reply, Hello) or (seq is not None and reply.seq != seq):
+        if (seq is None) != isinstance(reply, Hello) or (isinstance(reply, ExecDone) and reply.seq != seq):
             raise ValueError(f"control channel corrupted: unexpected {type(reply).__name__}")
         if inbox:
             raise ValueError("control channel corrupted: data after the reply")

@@ -19,10 +19,10 @@ from starlette.routing import BaseRoute, Mount, Route, WebSocketRoute
 from starlette.staticfiles import StaticFiles
 
 from ...errors import ServerError
-from ..openenv_http import error_response, json_response
-from ..openenv_ws import ws_endpoint
 from ...protocol import ErrorCode
 from ...server import EnvServer
+from ..openenv_http import error_response, json_response
+from ..openenv_ws import ws_endpoint
 
 STATIC = Path(__file__).parent / "static"
 ASSETS = ("/web/static/play.css", "/web/static/play.js")
