@@ -14,8 +14,10 @@ import asyncio
 import json
 import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -432,7 +434,10 @@ async def test_reading_another_sessions_files(token_server: Any, http: aiohttp.C
             "    return ['seen'] + look()\n"
         )
         data = await ws_step(b, look)
-        assert data["observation"]["stdout"] == "[] []\n"  # neither A's file nor A's processes (A forked one)
+        # Neither A's file nor A's processes (A forked one). /tmp holds only B's own files, plus the
+        # read-only mount points of the server's Python when it lives under /tmp (a venv in a checkout there).
+        pythons = sorted({Path(p).parts[2] for p in (sys.prefix, sys.exec_prefix) if Path(p).parts[1:2] == ("tmp",)})
+        assert data["observation"]["stdout"] == f"[] {pythons}\n"
         assert data["reward"] == 0.0 and data["observation"]["tests_passed"] == 0
         assert (await ws_step(a, "print(open('secret.txt').read())"))["observation"]["stdout"] == "the answer\n"
     finally:

@@ -139,9 +139,10 @@ def _bwrap_prefix(bwrap: str, disk_mb: int) -> list[str]:
         unshare, drop = ["--unshare-all", "--cap-drop", "ALL"], []
     return [
         bwrap, *unshare, "--die-with-parent", "--new-session", "--hostname", "sandbox",
+        # /tmp first: a Python under /tmp (a venv in a checkout there) is then bound on top of it, not hidden by it
+        "--size", str(disk_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
         *_mounts,
         "--proc", "/proc", "--dev", "/dev",
-        "--size", str(disk_mb << 20), "--perms", "1777", "--tmpfs", "/tmp",
         "--chdir", "/tmp",
         *drop,
     ]  # fmt: skip
