@@ -266,7 +266,9 @@ class RayFleet(FleetBackend):
         try:
             remaining = max(0.1, deadline - time.monotonic())
             server_timeout = max(0.1, remaining - 1.0)  # the actor's own error, if its server fails, comes first
-            server.url = await asyncio.wait_for(_ray_call(actor.start, self.config.server_args(), self.token, server_timeout), remaining)
+            server.url = await asyncio.wait_for(
+                _ray_call(actor.start, self.config.server_args(), self.token, server_timeout, self._ray.util.get_node_ip_address()), remaining
+            )
             server.pid = await asyncio.wait_for(_ray_call(actor.pid), max(0.1, deadline - time.monotonic()))
             server.node = urlsplit(server.url).hostname or ""
             async with aiohttp.ClientSession() as http:

@@ -37,9 +37,14 @@ class EnvServerActor:
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
 
-    def start(self, server_args: list[str], token: str, timeout: float) -> str:
-        """Start envserver on this node's IP with ``token`` on its stdin; return its URL once listening."""
-        argv = [sys.executable, "-m", "envserver", "--host", self.node_ip, "--port", "0",
+    def start(self, server_args: list[str], token: str, timeout: float, driver_ip: str = "") -> str:
+        """Start envserver with ``token`` on its stdin; return its URL once listening.
+
+        It binds to this node's IP, which the driver on another machine needs; on the driver's own
+        machine (``driver_ip``) it binds to 127.0.0.1, so that nothing is exposed beyond loopback.
+        """
+        host = "127.0.0.1" if self.node_ip == driver_ip else self.node_ip
+        argv = [sys.executable, "-m", "envserver", "--host", host, "--port", "0",
                 "--exit-with-stdin", "--no-web", "--token-file", "-", *server_args]
         with tempfile.TemporaryFile() as log:
             process = self.process = subprocess.Popen(
@@ -55,7 +60,7 @@ class EnvServerActor:
                 self.stop()
                 log.seek(0)
                 detail = log.read().decode(errors="replace").strip().splitlines()[-3:]
-                raise RuntimeError(f"envserver did not start on {self.node_ip}: {' | '.join(detail) or 'no output'}")
+                raise RuntimeError(f"envserver did not start on {host}: {' | '.join(detail) or 'no output'}")
         self.url = line.split()[-1]
         return self.url
 

@@ -142,8 +142,8 @@ async def test_actors_are_named_in_the_envfleet_namespace_and_leave_nothing_afte
         assert names == [f"envfleet-{backend.pool_id}-0", f"envfleet-{backend.pool_id}-1"]
         pids = [backend.pid(url) for url in pool.servers]
         assert all(live(pid) for pid in pids)
-        for url in pool.servers:  # bound to the node's IP, not every interface, and token-protected
-            assert url.startswith(f"http://{ray.util.get_node_ip_address()}:")
+        for url in pool.servers:  # on the driver's own machine: loopback only (other nodes bind their IP); token-protected
+            assert url.startswith("http://127.0.0.1:")
             cmdline = Path(f"/proc/{backend.pid(url)}/cmdline").read_bytes()
             environ = Path(f"/proc/{backend.pid(url)}/environ").read_bytes()
             assert backend.token.encode() not in cmdline and backend.token.encode() not in environ
