@@ -38,6 +38,14 @@ ROOT = Path(__file__).resolve().parents[2]
 ROLLOUT = str(Path(sys.executable).with_name("rollout"))
 
 
+def _pool_line(driver: subprocess.Popen[str]) -> list[str]:
+    """The driver's ``POOL <id> <pids>`` line, past anything Ray itself printed first; [] if it exited without one."""
+    for raw in driver.stdout:  # type: ignore[union-attr]
+        if raw.startswith("POOL "):
+            return raw.split()[1:]
+    return []
+
+
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[Any]:
     """A local Ray cluster (one head node with room for a few dozen light server actors), this process its driver."""
@@ -285,7 +293,7 @@ from rollout import EnvPool
 
 async def main():
     async with EnvPool(n=2, game="catch", backend="ray", servers=2, ray_address=sys.argv[1], ray_detached=sys.argv[2] == "1") as pool:
-        print(pool.backend.pool_id, *(pool.backend.pid(u) for u in pool.servers), flush=True)
+        print("POOL", pool.backend.pool_id, *(pool.backend.pid(u) for u in pool.servers), flush=True)
         await asyncio.sleep(600)
 
 asyncio.run(main())
@@ -298,7 +306,7 @@ def test_reap_removes_what_a_sigkilled_driver_left(cluster: str, detached: bool)
     with subprocess.Popen([sys.executable, "-c", DRIVER, cluster, "1" if detached else "0"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as driver:
         try:
-            line = driver.stdout.readline().split()  # type: ignore[union-attr]
+            line = _pool_line(driver)
             assert line, driver.stderr.read()  # type: ignore[union-attr]
             pool_id, pids = line[0], [int(p) for p in line[1:]]
             assert len(envfleet_actors(pool_id)) == 2 and all(live(p) for p in pids)
@@ -327,7 +335,7 @@ def test_the_pool_kills_its_actors_on_sigint_and_sigterm(cluster: str, sig: sign
     with subprocess.Popen([sys.executable, "-c", DRIVER, cluster, "1"], stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, cwd=ROOT) as driver:
         try:
-            line = driver.stdout.readline().split()  # type: ignore[union-attr]
+            line = _pool_line(driver)
             assert line, driver.stderr.read()  # type: ignore[union-attr]
             pool_id, pids = line[0], [int(p) for p in line[1:]]
             driver.send_signal(sig)
